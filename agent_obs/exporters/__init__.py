@@ -1,0 +1,1 @@
+"""Exporters: where collected metrics go (Prometheus, OTLP, structlog, JSONL, torchtune loggers)."""

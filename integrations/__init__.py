@@ -1,0 +1,1 @@
+"""Framework adapters, installed as ``agent_obs.integrations.<name>``."""

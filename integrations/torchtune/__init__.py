@@ -1,0 +1,1 @@
+"""torchtune integration: agent SFT dataset/transform, metric-logger bridge."""

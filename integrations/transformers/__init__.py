@@ -1,0 +1,1 @@
+"""Hugging Face transformers/TRL integration: a TrainerCallback and a classifying collator."""
