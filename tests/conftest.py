@@ -1,0 +1,33 @@
+"""Shared pytest fixtures: the real agent trajectories and a tokenizer trained on them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+TRAJECTORIES = Path(__file__).resolve().parents[1].parent / "shared/data/trajectories"
+
+
+def load_conversations(path: Path = TRAJECTORIES) -> dict[str, list[list[dict]]]:
+    """Every ``*.jsonl`` file under ``path`` -> its conversations (lists of messages)."""
+    files = sorted(path.glob("*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no trajectories under {path}: the shared real data is required for the tests")
+    return {f.name: [json.loads(line)["messages"] for line in f.open(encoding="utf-8")] for f in files}
+
+
+@pytest.fixture(scope="session")
+def trajectories() -> dict[str, list[list[dict]]]:
+    """The real SWE-agent trajectories of ../shared/data/trajectories, by file name."""
+    return load_conversations()
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_files(tmp_path_factory, trajectories):
+    """A Qwen2.5-style byte-level BPE (vocab 2048) trained on the real trajectories (TokenizerFiles)."""
+    from agent_obs.integrations.torchtune.assets import build_bpe_tokenizer
+
+    texts = (m["content"] for convs in trajectories.values() for conv in convs for m in conv)
+    return build_bpe_tokenizer(texts, tmp_path_factory.mktemp("bpe_tokenizer"))
