@@ -1,0 +1,46 @@
+"""Collate functions that carry ``token_classes`` (padded IGNORE) and ``tool_ids`` (padded -1) with the batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_packed, padded_collate_sft
+
+from agent_obs.integrations.torchtune.transform import NO_TOOL
+from agent_obs.token_class import TokenClass
+
+EXTRA_FIELDS = {"token_classes": int(TokenClass.IGNORE), "tool_ids": NO_TOOL}
+
+
+def _pad_extra(batch: list[dict[str, Any]], seq_len: int) -> dict[str, torch.Tensor]:
+    """Pad each per-token extra field present in every sample to ``seq_len``."""
+    out = {}
+    for key, fill in EXTRA_FIELDS.items():
+        if not all(key in x for x in batch):
+            continue
+        rows = [torch.as_tensor(x[key], dtype=torch.long) for x in batch]
+        padded = pad_sequence(rows, batch_first=True, padding_value=fill)
+        if padded.shape[-1] < seq_len:
+            padded = torch.nn.functional.pad(padded, (0, seq_len - padded.shape[-1]), value=fill)
+        out[key] = padded
+    return out
+
+
+def padded_collate_agent_sft(
+    batch: list[dict[str, Any]], padding_idx: int = 0, ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX
+) -> dict[str, torch.Tensor]:
+    """``padded_collate_sft`` plus ``token_classes``/``tool_ids`` padded to the same length."""
+    out = padded_collate_sft(batch, padding_idx=padding_idx, ignore_idx=ignore_idx)
+    out.update(_pad_extra(batch, out["tokens"].shape[-1]))
+    return out
+
+
+def padded_collate_agent_packed(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """``padded_collate_packed`` (block-causal mask, input_pos) plus the packed per-token extras."""
+    out = padded_collate_packed(batch)
+    for key in EXTRA_FIELDS:
+        if all(key in x for x in batch):
+            out[key] = torch.stack([x[key] for x in batch])
+    return out

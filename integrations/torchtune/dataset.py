@@ -1,0 +1,207 @@
+"""``AgentSFTDataset``: torchtune's ``SFTDataset`` samples plus ``token_classes`` and ``tool_ids``.
+
+Same arguments as ``SFTDataset`` builders (the recipe passes the tokenizer first), same
+``tokens``/``labels``; local JSON Lines files are checked line by line first so that a bad
+row is reported with its file, line and fix instead of deep inside a data loader worker.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+from torchtune.datasets import PackedDataset, SFTDataset
+
+from agent_obs.integrations.torchtune.messages import MessageFormatError
+from agent_obs.integrations.torchtune.transform import NO_TOOL, AgentSFTTransform
+from agent_obs.token_class import TokenClass
+
+
+class DataFormatError(ValueError):
+    """Bad training data; the message names the file, the line and the fix."""
+
+
+def check_conversation(messages: Sequence[Any]) -> None:
+    """torchtune's ``validate_messages`` rules, with ``ipython`` tool results counting as the user's turn."""
+    if len(messages) < 2:
+        raise MessageFormatError(f"a conversation needs at least 2 messages, got {len(messages)}")
+    last = "assistant"
+    for i, m in enumerate(messages):
+        role = "user" if m.role == "ipython" else m.role
+        if role == "assistant" and last != "user":
+            raise MessageFormatError(f"message {i}: assistant message without a user/tool message before it")
+        if role == "user" and last == "user" and m.role != "ipython":
+            raise MessageFormatError(f"messages {i - 1} and {i}: two consecutive user messages; merge them")
+        if m.role == "system" and i > 0:
+            raise MessageFormatError(f"message {i}: a system message must come first")
+        last = role
+
+
+def check_jsonl_files(data_files: str | Sequence[str], message_transform: Callable) -> None:
+    """Parse every line of local JSON Lines files and build its messages; raise ``DataFormatError`` at the first bad one."""
+    files = [data_files] if isinstance(data_files, str | Path) else list(data_files)
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise DataFormatError(f"{path}: no such data file; check dataset.data_files (relative paths start at cwd)")
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataFormatError(
+                        f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno}); "
+                        "each line must be one complete JSON object: fix or delete that line"
+                    ) from exc
+                if not isinstance(row, dict):
+                    raise DataFormatError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+                try:
+                    check_conversation(message_transform(row)["messages"])
+                except MessageFormatError as exc:
+                    raise DataFormatError(f"{path}:{lineno}: {exc}") from exc
+
+
+class _AgentSampleTransform:
+    """``SFTTransform`` with the relaxed conversation check: messages -> tokens, labels, classes."""
+
+    def __init__(self, message_transform: Callable, model_transform: AgentSFTTransform) -> None:
+        self.message_transform = message_transform
+        self.model_transform = model_transform
+
+    def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        messages = self.message_transform(sample)
+        check_conversation(messages["messages"])
+        out = self.model_transform(messages)
+        out["labels"] = list(np.where(out["mask"], CROSS_ENTROPY_IGNORE_IDX, out["tokens"]))
+        return out
+
+
+class _Field(Dataset):
+    """Samples re-keyed so that ``PackedDataset`` packs two per-token fields exactly as it packs tokens/labels."""
+
+    def __init__(self, samples: list[dict[str, Any]], first: str, second: str) -> None:
+        self.samples, self.first, self.second = samples, first, second
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = self.samples[i]
+        return {"tokens": s[self.first], "labels": s[self.second]}
+
+
+class AgentPackedDataset(Dataset):
+    """``PackedDataset`` that also packs ``token_classes`` (padded IGNORE) and ``tool_ids`` (padded -1).
+
+    Packing depends only on sample lengths, so packing the per-token fields through a second
+    ``PackedDataset`` gives packs aligned position by position with the tokens.
+    """
+
+    def __init__(self, ds: Dataset, *, max_seq_len: int, padding_idx: int = 0, **pack_kwargs: Any) -> None:
+        samples = [ds[i] for i in range(len(ds))]
+        self.packed = PackedDataset(samples, max_seq_len=max_seq_len, padding_idx=padding_idx, **pack_kwargs)
+        self.extra = None
+        if samples and "token_classes" in samples[0]:
+            fields = _Field(samples, "token_classes", "tool_ids")
+            self.extra = PackedDataset(
+                fields, max_seq_len=max_seq_len, padding_idx=int(TokenClass.IGNORE), **pack_kwargs
+            )
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        pack = dict(self.packed[i])
+        if self.extra is not None:
+            extra = self.extra[i]
+            pack["token_classes"] = extra["tokens"]
+            tools = extra["labels"].clone()
+            tools[tools == CROSS_ENTROPY_IGNORE_IDX] = NO_TOOL
+            pack["tool_ids"] = tools
+        return pack
+
+
+class AgentSFTDataset(Dataset):
+    """Agent SFT data for torchtune recipes: ``SFTDataset``'s samples plus per-token classes and tool ids.
+
+    ``AgentSFTDataset(tokenizer, source="json", data_files="train.jsonl",
+    message_transform=JSONToMessages(...))``; ``packed=True`` packs to ``tokenizer.max_seq_len``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        source: str,
+        message_transform: Callable,
+        data_files: str | Sequence[str] | None = None,
+        split: str = "train",
+        enable_token_classification: bool = True,
+        tool_call_format: str = "function_xml",
+        packed: bool = False,
+        split_across_pack: bool = False,
+        filter_fn: Callable | None = None,
+        **load_dataset_kwargs: Any,
+    ) -> None:
+        if source == "json" and data_files is not None:
+            check_jsonl_files(data_files, message_transform)
+        model_transform = AgentSFTTransform(
+            tokenizer, enable_token_classification=enable_token_classification, tool_call_format=tool_call_format
+        )
+        self._sft = SFTDataset(
+            source=source,
+            message_transform=message_transform,
+            model_transform=model_transform,
+            filter_fn=filter_fn,
+            data_files=data_files,
+            split=split,
+            **load_dataset_kwargs,
+        )
+        self._sft._prepare_sample = _AgentSampleTransform(message_transform, model_transform)
+        self._where = f"{source} {data_files}" if data_files else source
+        self.packed = packed
+        self._packs = None
+        if packed:
+            if tokenizer.max_seq_len is None:
+                raise ValueError("packed=True needs tokenizer.max_seq_len; set tokenizer.max_seq_len in the config")
+            self._packs = AgentPackedDataset(
+                _Rows(self),
+                max_seq_len=tokenizer.max_seq_len,
+                padding_idx=tokenizer.pad_id,
+                split_across_pack=split_across_pack,
+            )
+
+    def __len__(self) -> int:
+        return len(self._packs) if self._packs is not None else len(self._sft)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self._packs is not None:
+            return self._packs[index]
+        return self.row(index)
+
+    def row(self, index: int) -> dict[str, Any]:
+        """One unpacked sample; a malformed row raises an error naming it."""
+        try:
+            return self._sft[index]
+        except MessageFormatError as exc:
+            raise DataFormatError(f"row {index} of {self._where}: {exc}") from exc
+
+
+class _Rows(Dataset):
+    """The unpacked rows of an ``AgentSFTDataset`` (the input of packing)."""
+
+    def __init__(self, ds: AgentSFTDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds._sft)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.ds.row(i)
