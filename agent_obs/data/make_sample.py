@@ -111,7 +111,7 @@ BUGS = [
         "transpose",
         "return [[m[i][j] for i in range(len(m[0]))] for j in range(len(m))]",
         "return [[m[i][j] for i in range(len(m))] for j in range(len(m[0]))]",
-        "transpose() of a 2×3 matrix raises IndexError: list index out of range",
+        "transpose() of a 2x3 matrix raises IndexError: list index out of range",
         "IndexError: list index out of range",
     ),
     (
@@ -120,7 +120,7 @@ BUGS = [
         "total",
         "return sum(item.price for item in self.items)",
         "return sum(item.price * item.qty for item in self.items)",
-        "Le total du panier ignore la quantité : 3 × 2,50 € donne 2,50 € 🛒",
+        "Le total du panier ignore la quantité : 3 x 2,50 € donne 2,50 € 🛒",
         "AssertionError: 2.5 != 7.5",
     ),
 ]
@@ -180,7 +180,8 @@ def conversation(rng: random.Random, bug: tuple) -> dict:
         {
             "role": "user",
             "content": f"<uploaded_files>\n/testbed\n</uploaded_files>\n"
-            f"Consider the following issue in the `{pkg}` repository:\n\n<pr_description>\n{issue}\n</pr_description>\n\n"
+            f"Consider the following issue in the `{pkg}` repository:\n\n"
+            f"<pr_description>\n{issue}\n</pr_description>\n\n"
             "Make the minimal changes to non-test files so that the issue is resolved.",
         },
     ]
@@ -234,7 +235,8 @@ def conversation(rng: random.Random, bug: tuple) -> dict:
     return {"messages": msgs, "instance_id": f"{pkg}__{func}-{rng.randint(100, 999)}"}
 
 
-def main(out_dir: Path = Path(__file__).resolve().parent, n_train: int = 32, n_val: int = 8) -> None:
+def main(n_train: int = 32, n_val: int = 8) -> None:
+    out_dir = Path(__file__).resolve().parent
     rng = random.Random(20250101)
     rows = [conversation(rng, BUGS[i % len(BUGS)]) for i in range(n_train + n_val)]
     for name, part in (("agent_sft_train.jsonl", rows[:n_train]), ("agent_sft_val.jsonl", rows[n_train:])):

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from agent_obs.integrations.torchtune.transform import NO_TOOL
 from torch.nn.utils.rnn import pad_sequence
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_packed, padded_collate_sft
 
-from agent_obs.integrations.torchtune.transform import NO_TOOL
 from agent_obs.token_class import TokenClass
 
 EXTRA_FIELDS = {"token_classes": int(TokenClass.IGNORE), "tool_ids": NO_TOOL}

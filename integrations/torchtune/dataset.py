@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from agent_obs.integrations.torchtune.messages import MessageFormatError
+from agent_obs.integrations.torchtune.transform import NO_TOOL, AgentSFTTransform
 from torch.utils.data import Dataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.datasets import PackedDataset, SFTDataset
 
-from agent_obs.integrations.torchtune.messages import MessageFormatError
-from agent_obs.integrations.torchtune.transform import NO_TOOL, AgentSFTTransform
 from agent_obs.token_class import TokenClass
 
 
@@ -43,7 +43,7 @@ def check_conversation(messages: Sequence[Any]) -> None:
 
 
 def check_jsonl_files(data_files: str | Sequence[str], message_transform: Callable) -> None:
-    """Parse every line of local JSON Lines files and build its messages; raise ``DataFormatError`` at the first bad one."""
+    """Parse each line of local JSON Lines files and build its messages; ``DataFormatError`` at the first bad one."""
     files = [data_files] if isinstance(data_files, str | Path) else list(data_files)
     for name in files:
         path = Path(name)
