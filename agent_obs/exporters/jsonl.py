@@ -1,0 +1,84 @@
+"""``JsonlExporter``: one JSON line per collect, flushed each time, for offline plots and reports.
+
+Each line is ``{"step", "split", "time", <metric key>: value, ..., "histograms"?: {...}}``;
+non-finite values are written as null so every line is strict JSON. A crash loses at most
+the line being written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TextIO
+
+from agent_obs.exporters.base import FaultReporter
+
+
+def _finite(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def jsonl_record(metrics: Mapping[str, float], *, step: int, split: str, now: float, histograms: bool) -> dict:
+    """The dict written for one collect (``histograms``: add the per-class entropy histograms)."""
+    record: dict = {"step": int(step), "split": split, "time": now}
+    record.update({key: _finite(value) for key, value in metrics.items()})
+    hists = getattr(metrics, "histograms", None)
+    if histograms and hists:
+        record["histograms"] = {
+            cls: {"edges": list(h.edges), "counts": [float(c) for c in h.counts], "sum": _finite(h.total)}
+            for cls, h in hists.items()
+        }
+    return record
+
+
+class JsonlExporter:
+    """Appends one line per collect to ``path`` (parents created), flushed (and optionally fsynced).
+
+    A path that cannot be opened or written is reported once (rate-limited) and retried
+    at the next collect; training goes on.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        histograms: bool = False,
+        fsync: bool = False,
+        report_interval_s: float = 300.0,
+    ) -> None:
+        self.path = Path(path)
+        self.histograms = histograms
+        self.fsync = fsync
+        self._reporter = FaultReporter("jsonl", interval_s=report_interval_s)
+        self._file: TextIO | None = None
+        self._reporter.call("open", self._open)
+
+    def _open(self) -> TextIO:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        return self._file
+
+    def export(self, metrics: Mapping[str, float], *, step: int, split: str) -> None:
+        """Write and flush one line (never raises)."""
+        self._reporter.call("write", self._write, metrics, step, split)
+
+    def _write(self, metrics: Mapping[str, float], step: int, split: str) -> None:
+        record = jsonl_record(metrics, step=step, split=split, now=time.time(), histograms=self.histograms)
+        line = json.dumps(record, allow_nan=False) + "\n"
+        file = self._open()
+        file.write(line)
+        file.flush()
+        if self.fsync:
+            os.fsync(file.fileno())
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._file is not None:
+            file, self._file = self._file, None
+            self._reporter.call("close", file.close)
