@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from agent_obs import report
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agent-obs",
         description="Token-class metrics (entropy, perplexity, top-k mass, accuracy) for agent SFT.",
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    report.register(subparsers)
     return parser
 
 
