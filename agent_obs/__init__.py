@@ -3,6 +3,7 @@
 from agent_obs.accumulator import Histogram, Metrics, StatsAccumulator
 from agent_obs.classify import ToolCall, classify_tokens, find_tool_calls, find_tool_spans, token_tool_ids
 from agent_obs.metrics import compute_metrics
+from agent_obs.observer import Observer, attach
 from agent_obs.offsets import token_offsets
 from agent_obs.token_class import TokenClass
 from agent_obs.tools import tool_id, tool_name
@@ -10,9 +11,11 @@ from agent_obs.tools import tool_id, tool_name
 __all__ = [
     "Histogram",
     "Metrics",
+    "Observer",
     "StatsAccumulator",
     "TokenClass",
     "ToolCall",
+    "attach",
     "classify_tokens",
     "compute_metrics",
     "find_tool_calls",
