@@ -8,6 +8,7 @@ collector never blocks ``collect()``.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -43,6 +44,33 @@ from agent_obs.exporters.families import (
 SCOPE = "agent_obs"
 
 
+class _SdkLogCapture(logging.Filter):
+    """Holds back the OTLP exporter's own log records while our wrapper exports, keeping their text.
+
+    Only records emitted on the thread inside ``_ReportingExporter.export`` are affected, so
+    other OTLP exporters in the process log as usual; ours are folded into one rate-limited warning.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(self.local, "active", False):
+            self.local.messages.append(record.getMessage())
+            return False
+        return True
+
+
+_CAPTURE = _SdkLogCapture()
+
+
+def _install_capture(logger_name: str) -> None:
+    logger = logging.getLogger(logger_name)
+    if _CAPTURE not in logger.filters:
+        logger.addFilter(_CAPTURE)
+
+
 class _ReportingExporter(MetricExporter):
     """Wraps a MetricExporter so failed exports reach the rate-limited fault reporter."""
 
@@ -53,16 +81,22 @@ class _ReportingExporter(MetricExporter):
         )
         self.inner = inner
         self.reporter = reporter
+        _install_capture(type(inner).__module__)
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> MetricExportResult:
+        local = _CAPTURE.local
+        local.active, local.messages = True, []
         try:
             result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
         except Exception as error:
-            self.reporter.report("otlp", error)
-            return MetricExportResult.FAILURE
+            result = MetricExportResult.FAILURE
+            local.messages.append(f"{type(error).__name__}: {error}")
+        finally:
+            local.active = False
         if result != MetricExportResult.SUCCESS:
             endpoint = getattr(self.inner, "_endpoint", type(self.inner).__name__)
-            self.reporter.report("otlp", f"export to {endpoint} failed (collector down or refusing)")
+            reasons = local.messages[:1] + local.messages[-1:] if len(local.messages) > 1 else local.messages
+            self.reporter.report("otlp", f"export to {endpoint} failed: {' / '.join(reasons) or 'no reason given'}")
         return result
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
