@@ -262,8 +262,10 @@ class Observer:
     def _tool_slots(self, tool_ids: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Map tool ids to accumulator slots on the host (a sync if ``tool_ids`` is on a GPU)."""
         ids = torch.where(classes.to(tool_ids.device) == TokenClass.TOOL_CALL, tool_ids, NO_TOOL).cpu()
-        uniq, inverse = torch.unique(ids, return_inverse=True)
-        lut = torch.tensor([self._slot(int(t)) for t in uniq.tolist()], dtype=torch.long)
+        uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+        lut = torch.empty(len(uniq), dtype=torch.long)
+        for i in counts.argsort(descending=True, stable=True).tolist():  # frequent tools get the free slots first
+            lut[i] = self._slot(int(uniq[i]))
         return lut[inverse]
 
     def _slot(self, tid: int) -> int:
