@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import agent_obs
+from agent_obs import TokenClass
 from agent_obs.accumulator import ENTROPY_BUCKETS, Metrics, StatsAccumulator
-from agent_obs.exporters import export_all
 from agent_obs.keys import parse_key
+from agent_obs.tools import NO_TOOL, tool_id
 
 TOOLS = ("bash", "str_replace_editor")
 # The contract's family names (team brief), by (per-class | per-tool, stat).
@@ -125,50 +127,80 @@ class TinyLM(torch.nn.Module):
         self.embed = torch.nn.Embedding(vocab, dim)
         self.mlp = torch.nn.Linear(dim, dim)
         self.lm_head = torch.nn.Linear(dim, vocab)
+        with torch.no_grad():  # peaked and flat rows alike, so entropies fill many histogram buckets
+            self.lm_head.weight.mul_(torch.logspace(-1, 1.6, vocab)[:, None])
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.lm_head(torch.tanh(self.mlp(self.embed(tokens))))
 
 
+@dataclass
+class Reference:
+    """Independent float64 references of what a run observed, per split: token counts, entropy buckets."""
+
+    tokens: dict[tuple[str, str], float]  # (split, class) -> selected tokens
+    buckets: dict[tuple[str, str], np.ndarray]  # (split, class) -> per-bucket counts of float64 entropies
+
+
+def _reference_add(ref: Reference, split: str, logits, labels, classes) -> None:
+    logp = torch.log_softmax(logits.detach().double().reshape(-1, logits.shape[-1]), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1).numpy()
+    labels, classes = labels.reshape(-1).numpy(), classes.reshape(-1).numpy()
+    selected = (labels != -100) & (classes != int(TokenClass.IGNORE))
+    edges = np.asarray(ENTROPY_BUCKETS)
+    for cls, mask in (
+        ("all", selected),
+        ("reasoning", selected & (classes == int(TokenClass.REASONING))),
+        ("tool_call", selected & (classes == int(TokenClass.TOOL_CALL))),
+    ):
+        ref.tokens[(split, cls)] = ref.tokens.get((split, cls), 0.0) + float(mask.sum())
+        counts = np.bincount(np.searchsorted(edges, entropy[mask], side="left"), minlength=len(edges) + 1)
+        ref.buckets[(split, cls)] = ref.buckets.get((split, cls), 0) + counts.astype(np.float64)
+
+
 def train_observed(
     exporters: Sequence, *, steps: int = 6, val_every: int = 3, seed: int = 0, vocab: int = 64
-) -> list[Record]:
-    """Train TinyLM for ``steps`` SGD steps, collecting metrics every step (val every ``val_every``).
+) -> tuple[list[Record], Reference]:
+    """Train TinyLM for ``steps`` SGD steps under ``agent_obs.attach(..., exporters=...)``.
 
-    Metrics come from a StatsAccumulator fed each step's logits, per tool slot, and go to the
-    exporters through ``export_all`` as ``collect()`` does.
+    Collects "train" every step and "val" every ``val_every`` steps, with reasoning, tool-call
+    (two tools) and context tokens; returns what ``collect()`` returned and float64 references.
     """
     torch.manual_seed(seed)
     model = TinyLM(vocab)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.tensor([tool_id(name) for name in TOOLS])
     records: list[Record] = []
+    ref = Reference({}, {})
 
     def batch():
         tokens = torch.randint(0, vocab, (2, 25), generator=g)
         labels = tokens[:, 1:].clone()
         labels[:, :2] = -100
-        classes = torch.randint(1, 4, labels.shape, generator=g)
-        slots = torch.randint(0, len(TOOLS), labels.shape, generator=g)
-        return tokens[:, :-1], labels, classes, slots
+        classes = torch.randint(0, 4, labels.shape, generator=g)
+        tools = ids[torch.randint(0, len(TOOLS), labels.shape, generator=g)]
+        tool_ids = torch.where(classes == int(TokenClass.TOOL_CALL), tools, NO_TOOL)
+        return tokens[:, :-1], labels, classes, tool_ids
 
-    def observe(logits, labels, classes, slots, split, step):
-        acc = StatsAccumulator((1, 2, 5, 10), num_tool_slots=len(TOOLS))
-        acc.update(logits.detach().reshape(-1, vocab), labels.reshape(-1), classes.reshape(-1), slots.reshape(-1))
-        metrics = acc.metrics(tool_names=dict(enumerate(TOOLS)))
-        records.append(Record(split, step, metrics))
-        export_all(exporters, metrics, step=step, split=split)
+    def forward(obs, split):
+        tokens, labels, classes, tool_ids = batch()
+        with obs.observe(labels=labels, token_classes=classes, tool_ids=tool_ids):
+            logits = model(tokens)
+        _reference_add(ref, split, logits, labels, classes)
+        return logits, labels
 
-    for step in range(1, steps + 1):
-        tokens, labels, classes, slots = batch()
-        logits = model(tokens)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        observe(logits, labels, classes, slots, "train", step)
-        if step % val_every == 0:
-            with torch.no_grad():
-                tokens, labels, classes, slots = batch()
-                observe(model(tokens), labels, classes, slots, "val", step)
-    return records
+    with agent_obs.attach(model, layer="lm_head", exporters=exporters) as obs:
+        for step in range(1, steps + 1):
+            logits, labels = forward(obs, "train")
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=-100)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            records.append(Record("train", step, obs.collect("train", step=step)))
+            if step % val_every == 0:
+                with torch.no_grad():
+                    forward(obs, "val")
+                records.append(Record("val", step, obs.collect("val", step=step)))
+        # detach() on leaving the block closes the exporters
+    return records, ref
