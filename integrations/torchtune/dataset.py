@@ -21,6 +21,8 @@ from torchtune.datasets import PackedDataset, SFTDataset
 
 from agent_obs.token_class import TokenClass
 
+JSON_TO_MESSAGES = "agent_obs.integrations.torchtune.messages.JSONToMessages"
+
 
 class DataFormatError(ValueError):
     """Bad training data; the message names the file, the line and the fix."""
@@ -66,6 +68,16 @@ def check_jsonl_files(data_files: str | Sequence[str], message_transform: Callab
                     check_conversation(message_transform(row)["messages"])
                 except MessageFormatError as exc:
                     raise DataFormatError(f"{path}:{lineno}: {exc}") from exc
+
+
+def instantiate_component(node: Mapping[str, Any]) -> Any:
+    """Build a ``{_component_: dotted.path, **kwargs}`` mapping (torchtune does not instantiate nested nodes)."""
+    from omegaconf import DictConfig, OmegaConf
+    from torchtune import config
+
+    if "_component_" not in node:
+        raise ValueError(f"message_transform needs a _component_ (e.g. {JSON_TO_MESSAGES}), got keys {sorted(node)}")
+    return config.instantiate(node if isinstance(node, DictConfig) else OmegaConf.create(dict(node)))
 
 
 class _AgentSampleTransform:
@@ -140,7 +152,7 @@ class AgentSFTDataset(Dataset):
         tokenizer: Any,
         *,
         source: str,
-        message_transform: Callable,
+        message_transform: Callable | Mapping[str, Any],
         data_files: str | Sequence[str] | None = None,
         split: str = "train",
         enable_token_classification: bool = True,
@@ -150,6 +162,8 @@ class AgentSFTDataset(Dataset):
         filter_fn: Callable | None = None,
         **load_dataset_kwargs: Any,
     ) -> None:
+        if isinstance(message_transform, Mapping):  # a nested {_component_: ...} from YAML
+            message_transform = instantiate_component(message_transform)
         if source == "json" and data_files is not None:
             check_jsonl_files(data_files, message_transform)
         model_transform = AgentSFTTransform(

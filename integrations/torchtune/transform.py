@@ -101,7 +101,6 @@ class AgentSFTTransform:
             return context
         try:
             from agent_obs.classify import classify_tokens, find_tool_calls, token_tool_ids
-
             from agent_obs.offsets import token_offsets
 
             text = unicodedata.normalize("NFC", text)

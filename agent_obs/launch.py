@@ -1,0 +1,96 @@
+"""``agent-obs run`` and ``agent-obs demo``: launch the agent SFT recipe with torchrun.
+
+The recipe is started as a file because the installed torchtune owns the module name
+``recipes`` (so ``tune run recipes/...`` and ``python -m recipes...`` resolve to torchtune's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPE = REPO_ROOT / "recipes" / "agent_sft_distributed.py"
+CONFIG_DIR = REPO_ROOT / "recipes" / "configs"
+
+
+def recipe_path() -> Path:
+    """The recipe file; a clear error when the package was installed without the repository's recipes/."""
+    if not RECIPE.is_file():
+        raise FileNotFoundError(
+            f"{RECIPE} not found: agent-obs run needs the repository checkout (pip install -e .), "
+            "or call torchrun on your copy of recipes/agent_sft_distributed.py"
+        )
+    return RECIPE
+
+
+def resolve_config(name: str) -> Path:
+    """A config path, or a bare name such as ``agent_sft_tiny_cpu`` from recipes/configs/."""
+    path = Path(name)
+    if path.is_file():
+        return path.resolve()
+    candidate = CONFIG_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if candidate.is_file():
+        return candidate
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"config {name!r} not found: pass a YAML path or one of: {known}")
+
+
+def launch_command(nproc_per_node: int, config: str | Path, overrides: list[str] = ()) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N <recipe file> --config CFG key=value ...`` for this Python."""
+    if nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc_per_node),
+        str(recipe_path()),
+        "--config",
+        str(resolve_config(str(config))),
+        *overrides,
+    ]
+
+
+def _run(args: argparse.Namespace) -> int:
+    cmd = launch_command(args.nproc_per_node, args.config, args.overrides)
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=os.environ.copy())
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from agent_obs.integrations.torchtune.demo import main
+
+    return main(args)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``run`` and ``demo`` to the ``agent-obs`` command line."""
+    run = subparsers.add_parser(
+        "run",
+        help="launch the agent SFT torchtune recipe with torchrun",
+        description="Launch recipes/agent_sft_distributed.py with torchrun (1 process, N processes, N GPUs).",
+    )
+    run.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) on this node (default 1)")
+    run.add_argument("--config", required=True, help="YAML path or a name in recipes/configs/")
+    run.add_argument("overrides", nargs=argparse.REMAINDER, help="config overrides, e.g. batch_size=4")
+    run.set_defaults(func=_run)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="tiny 2-rank CPU agent SFT run with live metrics",
+        description="Build (once) a tokenizer and a tiny Qwen2 checkpoint, then fine-tune with 2 gloo ranks on CPU "
+        "with validation, Prometheus on 127.0.0.1, a JSONL log, and print train vs val metrics per token class.",
+    )
+    demo.add_argument("--cache-dir", default=".cache/agent_obs_demo", help="where assets and the run are kept")
+    demo.add_argument("--nproc-per-node", type=int, default=2, help="gloo ranks (default 2)")
+    demo.add_argument("--epochs", type=int, default=4, help="epochs of the 32-conversation sample (8 steps each)")
+    demo.add_argument("--prometheus-port", type=int, default=9464, help="0 picks a free port")
+    demo.add_argument("--prepare-only", action="store_true", help="build the cached assets and stop")
+    demo.add_argument("--rebuild", action="store_true", help="rebuild the cached tokenizer and checkpoint")
+    demo.set_defaults(func=_demo)
