@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 
 import agent_obs
 from agent_obs.accumulator import DEFAULT_TOPK
+from agent_obs.projection import find_projection
 
 RECOMPUTE_BYTES = 64 * 2**20
 _RUNTIME = "_runtime"
@@ -96,8 +97,8 @@ class AgentObsCallback(TrainerCallback):
         callback = cls(**kwargs)
         trainer.callback_handler.callbacks.insert(0, callback)
         callback._first = True
-        callback.check_args(trainer.args)
         callback.attach(trainer.model)
+        callback.check_args(trainer.args)
         return callback
 
     # ---- attaching -------------------------------------------------------------------------
@@ -108,7 +109,7 @@ class AgentObsCallback(TrainerCallback):
         if self.model is not None:
             self.detach()
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        head = self.layer if self.layer is not None else _output_layer(inner)
+        head = find_projection(inner, self.layer).module
         for split in ("train", "eval"):
             self.observers[split] = agent_obs.attach(
                 inner,
@@ -119,7 +120,7 @@ class AgentObsCallback(TrainerCallback):
                 exporters=self.exporters,
                 **self.attach_kwargs,
             )
-        self._head = self.observers["train"].layer if hasattr(self.observers["train"], "layer") else head
+        self._head = head
         backbone = getattr(inner, "base_model", None)
         self._handles = [
             inner.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
@@ -135,7 +136,9 @@ class AgentObsCallback(TrainerCallback):
         self._close_block()
         for handle in self._handles:
             handle.remove()
-        for obs in self.observers.values():
+        for split, obs in self.observers.items():
+            if split != "train":
+                obs.exporters = []  # shared with the train observer, which closes them once
             obs.detach()
         self._handles, self.observers, self.model = [], {}, None
 
@@ -228,6 +231,7 @@ class AgentObsCallback(TrainerCallback):
         prefix = _split_of(logs)
         metrics = self.observers["train" if prefix == "train" else "eval"].collect(split=prefix, step=state.global_step)
         added = {f"{prefix}_{key}": float(value) for key, value in metrics.items()} if metrics.get("tokens") else {}
+        self._keep_trainer_values(logs, added)
         logs.update(added)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(added)
@@ -239,6 +243,11 @@ class AgentObsCallback(TrainerCallback):
                 UserWarning,
                 stacklevel=2,
             )
+
+    def _keep_trainer_values(self, logs: dict, added: Mapping[str, float]) -> None:
+        """Move a trainer's own value of a key agent-obs also writes (TRL's ``eval_entropy``) to ``{key}_trainer``."""
+        for key in added.keys() & logs.keys():
+            logs[f"{key}_trainer"] = logs[key]
 
     def on_predict(self, args, state, control, metrics=None, **kwargs):
         if metrics is None or not self.observers:
@@ -258,9 +267,3 @@ def _split_of(logs: Mapping[str, Any], default: str = "train") -> str:
         if key.endswith(_RUNTIME) and not key.startswith("train_"):
             return key[: -len(_RUNTIME)]
     return default
-
-
-def _output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if getter is not None else None
-    return head if isinstance(head, torch.nn.Module) else None

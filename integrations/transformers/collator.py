@@ -103,6 +103,8 @@ def encode_conversation(
             f"{type(tokenizer).__name__} is not a fast tokenizer: character offsets need one; "
             "load it with AutoTokenizer.from_pretrained(..., use_fast=True) or PreTrainedTokenizerFast"
         )
+    for i, message in enumerate(messages):
+        _content(message, i)  # validate before the template sees it
     text = tokenizer.apply_chat_template(list(messages), tokenize=False)
     spans = message_content_spans(tokenizer, messages, text)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
