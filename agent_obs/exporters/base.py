@@ -26,9 +26,9 @@ class Exporter(Protocol):
 class FaultReporter:
     """Turns an exporter's exceptions into one structured warning per interval, never raising.
 
-    The first failure of each ``(exporter, operation)`` is logged at once on the
-    ``agent_obs.exporters`` logger; later ones within ``interval_s`` are only counted and
-    reported (as ``suppressed``) with the next warning after the interval.
+    The first failure of an exporter is logged at once on the ``agent_obs.exporters`` logger
+    (fields in ``record.agent_obs``); later ones within ``interval_s``, whatever the operation,
+    are only counted and reported (as ``suppressed``) with the next warning after the interval.
     """
 
     def __init__(
@@ -48,20 +48,21 @@ class FaultReporter:
         self._suppressed: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def report(self, operation: str, error: BaseException | str) -> None:
-        """Count a failure of ``operation``; log it unless one was logged less than ``interval_s`` ago."""
+    def report(self, operation: str, error: BaseException | str, *, source: str | None = None) -> None:
+        """Count a failure; log it unless ``source`` (default: this exporter) logged one within ``interval_s``."""
+        source = source or self.exporter
         now = self.clock()
         with self._lock:
             self.failures += 1
-            last = self._last.get(operation)
+            last = self._last.get(source)
             if last is not None and now - last < self.interval_s:
-                self._suppressed[operation] = self._suppressed.get(operation, 0) + 1
+                self._suppressed[source] = self._suppressed.get(source, 0) + 1
                 return
-            self._last[operation] = now
-            suppressed = self._suppressed.pop(operation, 0)
+            self._last[source] = now
+            suppressed = self._suppressed.pop(source, 0)
         text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
         fields = {
-            "exporter": self.exporter,
+            "exporter": source,
             "operation": operation,
             "error": text,
             "suppressed": suppressed,
@@ -74,12 +75,12 @@ class FaultReporter:
                 extra={"agent_obs": fields},
             )
 
-    def call(self, operation: str, fn: Callable[..., T], *args, **kwargs) -> T | None:
+    def call(self, operation: str, fn: Callable[..., T], *args, source: str | None = None, **kwargs) -> T | None:
         """Run ``fn``; on an ``Exception`` report it and return None instead of raising."""
         try:
             return fn(*args, **kwargs)
         except Exception as error:
-            self.report(operation, error)
+            self.report(operation, error, source=source)
             return None
 
 
@@ -94,14 +95,15 @@ def export_all(
     """Send ``metrics`` to every exporter; one that raises is reported and the others still run."""
     reporter = reporter or _SHARED_REPORTER
     for exporter in exporters:
-        reporter.call(f"export:{type(exporter).__name__}", exporter.export, metrics, step=step, split=split)
+        name = type(exporter).__name__
+        reporter.call("export", exporter.export, metrics, step=step, split=split, source=name)
 
 
 def close_all(exporters: Iterable[Exporter], *, reporter: FaultReporter | None = None) -> None:
     """Close every exporter; one that raises is reported and the others are still closed."""
     reporter = reporter or _SHARED_REPORTER
     for exporter in exporters:
-        reporter.call(f"close:{type(exporter).__name__}", exporter.close)
+        reporter.call("close", exporter.close, source=type(exporter).__name__)
 
 
 _SHARED_REPORTER = FaultReporter("exporters")

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO
 
 from agent_obs.exporters.base import FaultReporter
 
@@ -37,7 +37,7 @@ def jsonl_record(metrics: Mapping[str, float], *, step: int, split: str, now: fl
 
 
 class JsonlExporter:
-    """Appends one line per collect to ``path`` (parents created), flushed (and optionally fsynced).
+    """Appends one line per collect to ``path`` (parents created), unbuffered (and optionally fsynced).
 
     A path that cannot be opened or written is reported once (rate-limited) and retried
     at the next collect; training goes on.
@@ -55,13 +55,14 @@ class JsonlExporter:
         self.histograms = histograms
         self.fsync = fsync
         self._reporter = FaultReporter("jsonl", interval_s=report_interval_s)
-        self._file: TextIO | None = None
+        self._file: BinaryIO | None = None
         self._reporter.call("open", self._open)
 
-    def _open(self) -> TextIO:
+    def _open(self) -> BinaryIO:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", encoding="utf-8")
+            # unbuffered: each line goes to the OS in one write, and a failed write leaves nothing behind
+            self._file = self.path.open("ab", buffering=0)
         return self._file
 
     def export(self, metrics: Mapping[str, float], *, step: int, split: str) -> None:
@@ -70,10 +71,10 @@ class JsonlExporter:
 
     def _write(self, metrics: Mapping[str, float], step: int, split: str) -> None:
         record = jsonl_record(metrics, step=step, split=split, now=time.time(), histograms=self.histograms)
-        line = json.dumps(record, allow_nan=False) + "\n"
+        line = memoryview((json.dumps(record, allow_nan=False) + "\n").encode())
         file = self._open()
-        file.write(line)
-        file.flush()
+        while line:
+            line = line[file.write(line) :]
         if self.fsync:
             os.fsync(file.fileno())
 
