@@ -7,7 +7,7 @@ by hand, not taken from the exporter) with float64 sums/cumsums computed indepen
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,12 +159,19 @@ def _reference_add(ref: Reference, split: str, logits, labels, classes) -> None:
 
 
 def train_observed(
-    exporters: Sequence, *, steps: int = 6, val_every: int = 3, seed: int = 0, vocab: int = 64
+    exporters: Sequence,
+    *,
+    steps: int = 6,
+    val_every: int = 3,
+    seed: int = 0,
+    vocab: int = 64,
+    before_detach: Callable[[list[Record]], None] | None = None,
 ) -> tuple[list[Record], Reference]:
     """Train TinyLM for ``steps`` SGD steps under ``agent_obs.attach(..., exporters=...)``.
 
     Collects "train" every step and "val" every ``val_every`` steps, with reasoning, tool-call
     (two tools) and context tokens; returns what ``collect()`` returned and float64 references.
+    ``before_detach(records)`` runs after the last collect, while the exporters are still open.
     """
     torch.manual_seed(seed)
     model = TinyLM(vocab)
@@ -202,5 +209,7 @@ def train_observed(
                 with torch.no_grad():
                     forward(obs, "val")
                 records.append(Record("val", step, obs.collect("val", step=step)))
+        if before_detach is not None:
+            before_detach(records)
         # detach() on leaving the block closes the exporters
     return records, ref
