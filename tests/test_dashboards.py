@@ -129,24 +129,32 @@ def test_queries_use_only_contract_families_and_cover_them(dashboard):
 
 
 def test_compose_and_provisioning_point_at_the_committed_files():
-    """docker-compose mounts files that exist; Grafana's provider path is where the dashboard is mounted."""
+    """docker-compose mounts files that exist, everything listens on loopback (host networking), Grafana's
+    provider path is where the dashboard is mounted and its datasource is that Prometheus."""
+    from agent_obs.exporters.prometheus import DEFAULT_PORT
+
     compose = yaml.safe_load((DASHBOARDS / "docker-compose.yml").read_text())
+    services = compose["services"]
     mounts = {}
-    for service in compose["services"].values():
-        assert all(port.startswith("127.0.0.1:") for port in service["ports"])
+    for service in services.values():
+        assert service["network_mode"] == "host" and "ports" not in service
         for volume in service["volumes"]:
             src, dst = volume.split(":")[:2]
             if src.startswith("./"):
                 assert (DASHBOARDS / src).exists(), src
                 mounts[src] = dst
-    provider = yaml.safe_load((DASHBOARDS / "provisioning/dashboards/agent_obs.yml").read_text())
-    path = provider["providers"][0]["options"]["path"]
-    assert Path(mounts["./agent_obs.json"]).parent == Path(path)
-    assert mounts["./provisioning"] == "/etc/grafana/provisioning"
-    datasource = yaml.safe_load((DASHBOARDS / "provisioning/datasources/prometheus.yml").read_text())
-    assert datasource["datasources"][0]["type"] == "prometheus"
-    assert datasource["datasources"][0]["url"].endswith(":9090")
+    assert "--web.listen-address=127.0.0.1:9090" in services["prometheus"]["command"]
+    assert services["grafana"]["environment"]["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
     assert mounts["./alerts.yml"] == "/etc/prometheus/alerts.yml"
+    assert mounts["./prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    scrape = yaml.safe_load((DASHBOARDS / "prometheus.yml").read_text())
+    assert scrape["rule_files"] == ["alerts.yml"]  # relative: beside prometheus.yml in the container too
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == [f"127.0.0.1:{DEFAULT_PORT}"]
+    provider = yaml.safe_load((DASHBOARDS / "provisioning/dashboards/agent_obs.yml").read_text())
+    assert Path(mounts["./agent_obs.json"]).parent == Path(provider["providers"][0]["options"]["path"])
+    assert mounts["./provisioning"] == "/etc/grafana/provisioning"
+    (datasource,) = yaml.safe_load((DASHBOARDS / "provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://127.0.0.1:9090"
 
 
 # ------------------------------------------------------------------ against a real Prometheus
