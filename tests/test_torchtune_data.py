@@ -1,0 +1,196 @@
+"""torchtune data path: JSONToMessages, AgentSFTTransform/AgentSFTDataset against torchtune's SFTDataset, collate, packing."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from agent_obs.integrations.torchtune.collate import padded_collate_agent_packed, padded_collate_agent_sft
+from agent_obs.integrations.torchtune.dataset import AgentSFTDataset, DataFormatError
+from agent_obs.integrations.torchtune.demo import DATA_DIR, prepare_assets
+from agent_obs.integrations.torchtune.messages import JSONToMessages, MessageFormatError
+from tokenizers import Tokenizer
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, OpenAIToMessages
+from torchtune.datasets import SFTDataset
+from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+
+from agent_obs.token_class import TokenClass
+from agent_obs.tools import tool_id
+
+TRAJECTORIES = Path(__file__).resolve().parents[1].parent / "shared/data/trajectories"
+BLOCK = re.compile(r"<function=([^>]+)>.*?</function>", re.DOTALL)
+IGNORE, REASONING, TOOL_CALL, CONTEXT = (int(c) for c in TokenClass)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    return prepare_assets(tmp_path_factory.mktemp("demo_assets"))
+
+
+def _tokenizer(assets: Path, max_seq_len: int | None = None):
+    d = assets / "tokenizer"
+    return qwen2_5_tokenizer(
+        path=str(d / "vocab.json"),
+        merges_file=str(d / "merges.txt"),
+        special_tokens_path=str(d / "tokenizer.json"),
+        max_seq_len=max_seq_len,
+    )
+
+
+def reference_layout(messages: list[dict], tok, hf: Tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """Tokens, classes and tool ids built independently: Qwen2.5 ChatML by hand, HF offsets, a strict regex."""
+    tokens, classes, tools = [], [], []
+
+    def add(ids, cls, tid=-1):
+        tokens.extend(ids)
+        classes.extend([cls] * len(ids))
+        tools.extend([tid] * len(ids))
+
+    for i, m in enumerate(messages):
+        add([tok.im_start_id, *tok.encode(f"{m['role']}\n", add_bos=False, add_eos=False)], IGNORE)
+        enc = hf.encode(m["content"], add_special_tokens=False)
+        if m["role"] == "assistant":
+            blocks = [(b.start(), b.end(), b.group(1)) for b in BLOCK.finditer(m["content"])]
+            for tid, (s, e) in zip(enc.ids, enc.offsets, strict=True):
+                hit = [b for b in blocks if s < b[1] and b[0] < e]
+                cls = TOOL_CALL if hit else (REASONING if e > s else IGNORE)
+                add([tid], cls, tool_id(hit[0][2]) if hit else -1)
+        else:
+            add(enc.ids, CONTEXT)
+        if not (m["role"] == "assistant" and i == len(messages) - 1):
+            add([tok.im_end_id, *tok.encode("\n", add_bos=False, add_eos=False)], IGNORE)
+    add([tok.eos_id], IGNORE)
+    return tokens, classes, tools
+
+
+@pytest.mark.parametrize("path", sorted(TRAJECTORIES.glob("*.jsonl")), ids=lambda p: p.name)
+def test_tokens_labels_identical_to_sftdataset_and_classes_match_reference(assets, path):
+    tok = _tokenizer(assets)
+    hf = Tokenizer.from_file(str(assets / "tokenizer" / "tokenizer.json"))
+    ours = AgentSFTDataset(tok, source="json", data_files=str(path), message_transform=JSONToMessages())
+    ref = SFTDataset(
+        source="json", data_files=str(path), split="train", message_transform=OpenAIToMessages(), model_transform=tok
+    )
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(ours) == len(ref) == len(rows)
+    n_tool = 0
+    for i, row in enumerate(rows):
+        a, b = ours[i], ref[i]
+        assert a["tokens"] == b["tokens"], f"{path.name} row {i}: tokens differ from SFTDataset"
+        assert list(a["labels"]) == list(b["labels"]), f"{path.name} row {i}: labels differ"
+        tokens, classes, tools = reference_layout(row["messages"], tok, hf)
+        assert tokens == a["tokens"], f"{path.name} row {i}: the hand-built reference layout is wrong"
+        assert a["token_classes"] == classes, f"{path.name} row {i}: classes differ from the reference"
+        assert a["tool_ids"] == tools, f"{path.name} row {i}: tool ids differ from the reference"
+        n_tool += sum(c == TOOL_CALL for c in classes)
+    assert n_tool > 0
+
+
+def test_json_to_messages_renders_openai_tool_calls_inline():
+    row = {
+        "conversation": [
+            {"role": "user", "content": "list files"},
+            {
+                "role": "assistant",
+                "content": "Let me look.",
+                "tool_calls": [{"function": {"name": "bash", "arguments": '{"command": "ls -la"}'}}],
+            },
+            {"role": "tool", "content": "a.py"},
+            {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "submit", "arguments": {}}}]},
+        ]
+    }
+    msgs = JSONToMessages(column_map={"messages": "conversation"})(row)["messages"]
+    assert [m.role for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert msgs[1].text_content == "Let me look.\n\n<function=bash>\n<parameter=command>ls -la</parameter>\n</function>"
+    assert msgs[3].text_content == "<function=submit>\n</function>"
+    assert [m.masked for m in msgs] == [True, False, True, False]
+    ipython = JSONToMessages(column_map={"messages": "conversation"}, tool_role="ipython")(row)["messages"]
+    assert ipython[2].role == "ipython"
+
+
+def test_tool_role_ipython_dataset_trains(assets, tmp_path):
+    f = tmp_path / "tool.jsonl"
+    conv = [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": "<function=bash>\n<parameter=command>ls</parameter>\n</function>"},
+        {"role": "tool", "content": "a.py"},
+        {"role": "assistant", "content": "done\n\n<function=submit>\n</function>"},
+    ]
+    f.write_text(json.dumps({"messages": conv}) + "\n", encoding="utf-8")
+    tok = _tokenizer(assets)
+    ds = AgentSFTDataset(tok, source="json", data_files=str(f), message_transform=JSONToMessages(tool_role="ipython"))
+    sample = ds[0]
+    assert "<tool_response>" in tok.decode(sample["tokens"], skip_special_tokens=False)
+    assert sample["token_classes"].count(TOOL_CALL) > 0 and sample["token_classes"].count(REASONING) > 0
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}', "malformed JSON"),
+        ('{"conversations": []}', "no column 'messages'"),
+        ('{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}', "unknown role"),
+    ],
+    ids=["malformed", "missing-column", "unknown-role"],
+)
+def test_bad_data_names_file_line_and_fix(assets, tmp_path, line, needle):
+    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    f = tmp_path / "bad.jsonl"
+    f.write_text(f"{good}\n{good}\n{line}\n", encoding="utf-8")
+    with pytest.raises(DataFormatError) as err:
+        AgentSFTDataset(_tokenizer(assets), source="json", data_files=str(f), message_transform=JSONToMessages())
+    message = str(err.value)
+    assert f"{f}:3:" in message and needle in message
+    fixes = {"malformed JSON": "fix or delete", "no column": "column_map", "unknown role": "use one of"}
+    assert next(fix for key, fix in fixes.items() if key in needle) in message
+
+
+def test_unknown_role_in_a_row_names_the_message():
+    with pytest.raises(MessageFormatError, match=r"message 1: unknown role 'robot'"):
+        JSONToMessages()({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]})
+
+
+def test_collate_pads_classes_ignore_and_tools_minus_one(assets):
+    tok = _tokenizer(assets)
+    ds = AgentSFTDataset(
+        tok, source="json", data_files=str(DATA_DIR / "agent_sft_val.jsonl"), message_transform=JSONToMessages()
+    )
+    a, b = ds[0], ds[1]
+    batch = padded_collate_agent_sft([a, b], padding_idx=tok.pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX)
+    seq = batch["tokens"].shape[1]
+    assert batch["token_classes"].shape == batch["tool_ids"].shape == (2, seq)
+    for row, sample in enumerate((a, b)):
+        n = len(sample["tokens"])
+        assert batch["token_classes"][row, :n].tolist() == sample["token_classes"]
+        assert batch["tool_ids"][row, :n].tolist() == sample["tool_ids"]
+        assert (batch["token_classes"][row, n:] == IGNORE).all() and (batch["tool_ids"][row, n:] == -1).all()
+        assert (batch["labels"][row, n:] == CROSS_ENTROPY_IGNORE_IDX).all()
+
+
+def test_packing_keeps_classes_and_tools_aligned(assets):
+    max_len = 2048
+    tok = _tokenizer(assets, max_seq_len=max_len)
+    kw = {"source": "json", "data_files": str(DATA_DIR / "agent_sft_val.jsonl"), "message_transform": JSONToMessages()}
+    rows = [AgentSFTDataset(tok, **kw)[j] for j in range(8)]
+    packed = AgentSFTDataset(tok, packed=True, **kw)
+    keys = ("tokens", "labels", "token_classes", "tool_ids")
+    expected, current = [], {k: [] for k in keys}  # greedy packing by length, as torchtune packs
+    for row in rows:
+        if len(current["tokens"]) + len(row["tokens"]) > max_len:
+            expected.append(current)
+            current = {k: [] for k in keys}
+        for k in keys:
+            current[k].extend(row[k])
+    expected.append(current)
+    assert packed.packed and len(packed) == len(expected) < len(rows)
+    for pack, want in zip((packed[i] for i in range(len(packed))), expected, strict=True):
+        n = len(want["tokens"])
+        for k in keys:
+            assert pack[k][:n].tolist() == want[k], k
+        assert (pack["token_classes"][n:] == IGNORE).all() and (pack["tool_ids"][n:] == -1).all()
+    batch = padded_collate_agent_packed([packed[0], packed[1]])
+    assert batch["token_classes"].shape == batch["tokens"].shape == (2, max_len)
+    assert torch.equal(batch["tool_ids"][1], packed[1]["tool_ids"])
