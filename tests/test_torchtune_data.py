@@ -1,4 +1,4 @@
-"""torchtune data path: JSONToMessages, AgentSFTTransform/AgentSFTDataset against torchtune's SFTDataset, collate, packing."""
+"""torchtune data path: JSONToMessages, AgentSFTDataset vs torchtune's SFTDataset, collate, packing."""
 
 from __future__ import annotations
 
