@@ -11,6 +11,7 @@ that text is NFC-normalized (both Qwen2 tokenizers normalize to NFC before encod
 from __future__ import annotations
 
 import codecs
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
@@ -19,6 +20,7 @@ Span = tuple[int, int]
 # Bytes 0x80-0xBF continue a UTF-8 character; every other byte starts one.
 _CONTINUATION = bytes(range(0x80, 0xC0))
 _BAD = "\uffff"  # outside latin-1: turns an unmapped character into an encode error
+_PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @lru_cache(maxsize=1)
@@ -97,7 +99,17 @@ def _segment_spans(pieces: list[bytes], base: int, out: list[Span]) -> int:
     return chars
 
 
-def _spans(token_ids: Iterable[int], special: Callable[[int], str | None], piece: Callable[[int], bytes]) -> list[Span]:
+def _piece_cache(tokenizer) -> dict[int, bytes]:
+    """This tokenizer's id -> bytes memo (ordinary vocabulary entries never change), kept while it lives."""
+    try:
+        return _PIECES.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: memoize for this call only
+        return {}
+
+
+def _spans(
+    token_ids: Iterable[int], special: Callable[[int], str | None], piece: Callable[[int], bytes], cache: dict
+) -> list[Span]:
     """Walk the ids: special tokens are literal text and cut the byte stream into separately decoded runs."""
     out: list[Span] = []
     pos = 0
@@ -106,7 +118,10 @@ def _spans(token_ids: Iterable[int], special: Callable[[int], str | None], piece
         tid = int(tid)
         text = special(tid)
         if text is None:
-            run.append(piece(tid))
+            data = cache.get(tid)
+            if data is None:
+                data = cache[tid] = piece(tid)
+            run.append(data)
             continue
         if run:
             pos += _segment_spans(run, pos, out)
@@ -132,7 +147,7 @@ def _torchtune_spans(token_ids: Iterable[int], tokenizer) -> list[Span]:
             raise _unknown_id(tid, len(decoder))
         return _byte_level_bytes(s, tid)
 
-    return _spans(token_ids, specials.get, piece)
+    return _spans(token_ids, specials.get, piece, _piece_cache(tokenizer))
 
 
 def _hf_spans(token_ids: Iterable[int], tok) -> list[Span]:
@@ -144,7 +159,7 @@ def _hf_spans(token_ids: Iterable[int], tok) -> list[Span]:
             raise _unknown_id(tid, tok.get_vocab_size())
         return _byte_level_bytes(s, tid)
 
-    return _spans(token_ids, added.get, piece)
+    return _spans(token_ids, added.get, piece, _piece_cache(tok))
 
 
 def _hf_backend(tokenizer):
