@@ -231,7 +231,8 @@ class AgentObsCallback(TrainerCallback):
         prefix = _split_of(logs)
         metrics = self.observers["train" if prefix == "train" else "eval"].collect(split=prefix, step=state.global_step)
         added = {f"{prefix}_{key}": float(value) for key, value in metrics.items()} if metrics.get("tokens") else {}
-        self._keep_trainer_values(logs, added)
+        # a trainer's own value of a key agent-obs also writes (TRL's eval_entropy) moves to "{key}_trainer"
+        added = {f"{key}_trainer": logs[key] for key in added.keys() & logs.keys()} | added
         logs.update(added)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(added)
@@ -243,11 +244,6 @@ class AgentObsCallback(TrainerCallback):
                 UserWarning,
                 stacklevel=2,
             )
-
-    def _keep_trainer_values(self, logs: dict, added: Mapping[str, float]) -> None:
-        """Move a trainer's own value of a key agent-obs also writes (TRL's ``eval_entropy``) to ``{key}_trainer``."""
-        for key in added.keys() & logs.keys():
-            logs[f"{key}_trainer"] = logs[key]
 
     def on_predict(self, args, state, control, metrics=None, **kwargs):
         if metrics is None or not self.observers:
