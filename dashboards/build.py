@@ -158,7 +158,7 @@ def _variables() -> list:
             .label(label)
             .description(description)
             .datasource(DS)
-            .query({"query": query, "refId": f"var_{name}", "qryType": 1})
+            .query(query)  # classic string form: Grafana parses label_values(...) itself
             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
             .sort(VariableSort.ALPHABETICAL_ASC)
         )

@@ -206,7 +206,7 @@ def test_template_variable_queries_return_the_run(dashboard, scraped_run):
     for var in dashboard["templating"]["list"]:
         if var["type"] != "query":
             continue
-        m = re.fullmatch(r"label_values\((.+), (\w+)\)", var["query"]["query"])
+        m = re.fullmatch(r"label_values\((.+), (\w+)\)", var["query"])
         selector, label = substitute(m[1], values), m[2]
         got = prom.api(f"label/{label}/values", **{"match[]": selector, "start": start, "end": end})
         assert set(got) == expected[var["name"]], (var["name"], got)
