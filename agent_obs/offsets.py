@@ -107,10 +107,15 @@ def _piece_cache(tokenizer) -> dict[int, bytes]:
         return {}
 
 
+def _no_specials(tid: int) -> None:
+    """No id is literal text: every token joins the byte stream."""
+    return None
+
+
 def _spans(
     token_ids: Iterable[int], special: Callable[[int], str | None], piece: Callable[[int], bytes], cache: dict
 ) -> list[Span]:
-    """Walk the ids: special tokens are literal text and cut the byte stream into separately decoded runs."""
+    """Walk the ids: ``special(id)`` text is literal and cuts the byte stream into separately decoded runs."""
     out: list[Span] = []
     pos = 0
     run: list[bytes] = []
@@ -138,6 +143,7 @@ def _unknown_id(tid: int, size: int) -> ValueError:
 
 
 def _torchtune_spans(token_ids: Iterable[int], tokenizer) -> list[Span]:
+    """torchtune decodes each run of ordinary tokens on its own and inserts special tokens' text between runs."""
     specials: dict[int, str] = tokenizer._special_tokens_reversed
     decoder: dict[int, str] = tokenizer.decoder
 
@@ -151,15 +157,23 @@ def _torchtune_spans(token_ids: Iterable[int], tokenizer) -> list[Span]:
 
 
 def _hf_spans(token_ids: Iterable[int], tok) -> list[Span]:
+    """``tokenizers`` decodes all ids as one byte stream: an added token's content passes through the
+    ByteLevel decoder too (its bytes when every character is a byte-level one, else its UTF-8)."""
     added = {i: t.content for i, t in tok.get_added_tokens_decoder().items()}
 
     def piece(tid: int) -> bytes:
+        content = added.get(tid)
+        if content is not None:
+            try:
+                return content.translate(_unicode_to_byte_table()).encode("latin-1")
+            except UnicodeEncodeError:
+                return content.encode("utf-8")
         s = tok.id_to_token(tid)
         if s is None:
             raise _unknown_id(tid, tok.get_vocab_size())
         return _byte_level_bytes(s, tid)
 
-    return _spans(token_ids, added.get, piece, _piece_cache(tok))
+    return _spans(token_ids, _no_specials, piece, _piece_cache(tok))
 
 
 def _hf_backend(tokenizer):

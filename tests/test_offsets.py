@@ -11,7 +11,7 @@ import torch
 from agent_obs.integrations.torchtune.assets import QWEN2_5_SPECIAL_TOKENS, build_bpe_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import AddedToken, Tokenizer, decoders, models
 from torchtune.models.qwen2_5 import qwen2_5_tokenizer
 from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS as TORCHTUNE_QWEN2_5_SPECIALS
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -128,6 +128,20 @@ def test_partial_characters_cut_by_a_special_token_get_one_replacement_each(toke
     assert [text[s:e] for s, e in spans[:4]] == ["\ufffd", "<|im_end|>", "\ufffd", "\ufffd"]
     assert text[spans[4][0] : spans[-1][1]] == "A€" and spans[-1] == (len(text) - 1, len(text))
     assert token_offsets(ids, tokenizers_bpe) == spans
+
+
+def test_added_tokens_pass_through_the_byte_stream_as_tokenizers_decodes_them(bpe_tokenizer_files):
+    tok = Tokenizer.from_file(str(bpe_tokenizer_files.tokenizer_json))  # a copy: this test adds tokens
+    completes_euro = _byte_char(0x82) + _byte_char(0xAC) + "Q"  # byte-level text of b"\x82\xacQ"
+    tok.add_tokens([completes_euro, "é€ x"])
+    tok.add_special_tokens([AddedToken(_byte_char(0xAC) + "S", special=True)])
+    vocab = tok.get_vocab()
+    e2, x82 = vocab[_byte_char(0xE2)], vocab[_byte_char(0x82)]
+    for ids in ([e2, vocab[completes_euro], 3], [e2, x82, vocab[_byte_char(0xAC) + "S"]], [vocab["é€ x"], e2, x82, 7]):
+        decode = lambda x: tok.decode(x, skip_special_tokens=False)  # noqa: E731
+        if "\ufffd" not in decode(ids):
+            assert token_offsets(ids, tok) == prefix_decode_offsets(ids, decode)
+        assert token_offsets(ids, tok)[-1][1] == len(decode(ids))
 
 
 def _byte_char(b: int) -> str:
