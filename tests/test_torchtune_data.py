@@ -194,3 +194,18 @@ def test_packing_keeps_classes_and_tools_aligned(assets):
     batch = padded_collate_agent_packed([packed[0], packed[1]])
     assert batch["token_classes"].shape == batch["tokens"].shape == (2, max_len)
     assert torch.equal(batch["tool_ids"][1], packed[1]["tool_ids"])
+
+
+def test_classification_off_or_failing_still_trains(assets, caplog):
+    tok = _tokenizer(assets)
+    kw = {"source": "json", "data_files": str(DATA_DIR / "agent_sft_val.jsonl"), "message_transform": JSONToMessages()}
+    plain = AgentSFTDataset(tok, enable_token_classification=False, **kw)
+    assert "token_classes" not in plain[0] and "tool_ids" not in plain[0]
+    broken = AgentSFTDataset(tok, tool_call_format="no-such-format", **kw)
+    with caplog.at_level("WARNING"):
+        samples = [broken[0], broken[1]]
+    warnings = [r for r in caplog.records if "token classification failed" in r.getMessage()]
+    assert len(warnings) == 1  # once, not per sample
+    for sample, ref in zip(samples, (plain[0], plain[1]), strict=True):
+        assert sample["tokens"] == ref["tokens"] and list(sample["labels"]) == list(ref["labels"])
+        assert set(sample["token_classes"]) == {IGNORE, CONTEXT} and set(sample["tool_ids"]) == {-1}
