@@ -369,7 +369,8 @@ def test_trainer_logs_equal_float64_reference_with_grad_accumulation(tok, sample
 
 
 def test_callback_passed_to_trainer_init_still_logs(tok, samples, tmp_path):
-    """``Trainer(callbacks=[AgentObsCallback()])`` attaches at init; keys reach the history and evaluate()."""
+    """``Trainer(callbacks=[AgentObsCallback()])`` attaches at init; keys reach the history, evaluate()
+    and predict() (``test_*``)."""
     model = make_model(len(tok))
     recorder = Recorder(model)
     trainer = transformers.Trainer(
@@ -383,10 +384,12 @@ def test_callback_passed_to_trainer_init_still_logs(tok, samples, tmp_path):
     log = next(h for h in trainer.state.log_history if "loss" in h)
     rows = shifted_rows(recorder.records)
     assert_logged(log, "train", reference_metrics(*rows), rows)
-    before = len(recorder.records)
-    metrics = trainer.evaluate(datasets.Dataset.from_list(samples[4:7]))
-    rows = shifted_rows(recorder.records[before:])
-    assert_logged(metrics, "eval", reference_metrics(*rows), rows)
+    for split in ("eval", "test"):
+        before = len(recorder.records)
+        held_out = datasets.Dataset.from_list(samples[4:7])
+        metrics = trainer.evaluate(held_out) if split == "eval" else trainer.predict(held_out).metrics
+        rows = shifted_rows(recorder.records[before:])
+        assert_logged(metrics, split, reference_metrics(*rows), rows)
 
 
 def test_liger_fused_cross_entropy_warns_at_attach_naming_the_option(tok, tmp_path):

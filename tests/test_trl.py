@@ -120,7 +120,8 @@ def test_sft_trainer_with_agent_collator_equals_float64_reference(bpe_tokenizer_
 
 def test_stock_sft_trainer_data_path_gets_overall_metrics(bpe_tokenizer_files, trajectories, tmp_path):
     """Without the agent collator (TRL tokenizes the conversations itself) there are no classes:
-    the overall train_* metrics are still exact, and no per-class keys are invented."""
+    the overall train_* metrics are still exact, no per-class keys are invented, and a callback
+    given to the constructor still warns about the fused head (at train begin)."""
     tok = make_tokenizer(bpe_tokenizer_files.tokenizer_json)
     samples = make_samples(trajectories, per_tool=2)
     model = make_model(len(tok))
@@ -130,10 +131,10 @@ def test_stock_sft_trainer_data_path_gets_overall_metrics(bpe_tokenizer_files, t
         args=sft_config(tmp_path, max_steps=1, gradient_accumulation_steps=1, eval_strategy="no", max_length=256),
         train_dataset=datasets.Dataset.from_list(samples[:2]),
         processing_class=tok,
+        callbacks=[AgentObsCallback()],  # attached at init, before TRL patches the forward: warned at train begin
     )
     with pytest.warns(UserWarning, match="add_fused_lm_head"):
-        AgentObsCallback.install(trainer)
-    trainer.train()
+        trainer.train()
     log = next(h for h in trainer.state.log_history if "loss" in h)
     (record,) = recorder.records
     labels = record["labels"]

@@ -80,7 +80,7 @@ class AgentObsCallback(TrainerCallback):
         self._block: Any = None
         self._head_calls = 0
         self._hidden: torch.Tensor | None = None
-        self._checked_args = False
+        self._warned_reasons: set[str] = set()
         self._warned_skip = False
         self._first = False
         self._warned_order = False
@@ -143,12 +143,14 @@ class AgentObsCallback(TrainerCallback):
         self._handles, self.observers, self.model = [], {}, None
 
     def check_args(self, args: Any) -> None:
-        """Warn (once) when the configured loss path never calls ``lm_head``, naming the option that fixes it."""
-        if self._checked_args:
-            return
-        self._checked_args = True
+        """Warn (once each) when the configured loss path never calls ``lm_head``, naming the option that fixes it.
+
+        Called at init and again at train begin: TRL patches the forward after ``Trainer.__init__``.
+        """
         for reason in fused_head_reasons(args, self.model):
-            self._warn_fused(reason)
+            if reason not in self._warned_reasons:
+                self._warned_reasons.add(reason)
+                self._warn_fused(reason)
 
     def _warn_fused(self, reason: str) -> None:
         self._warned_skip = True
