@@ -126,3 +126,29 @@ def test_launch_command_runs_the_recipe_file_with_torchrun_and_names_known_confi
     assert cmd[6] == str(RECIPE) and Path(cmd[8]).name == "agent_sft_tiny_cpu.yaml" and cmd[-1] == "epochs=1"
     with pytest.raises(FileNotFoundError, match="agent_sft_distributed, agent_sft_tiny_cpu"):
         launch_command(1, "no_such_config")
+
+
+@pytest.mark.parametrize("name", ["agent_sft_distributed", "agent_sft_tiny_cpu"])
+def test_config_components_resolve_and_agent_keys_are_set(name):
+    from omegaconf import OmegaConf
+    from torchtune.config._utils import _get_component_from_path
+
+    from agent_obs.launch import resolve_config
+
+    cfg = OmegaConf.load(resolve_config(name))
+    components = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            components.extend([node["_component_"]] if "_component_" in node else [])
+            for value in node.values():
+                walk(value)
+
+    walk(OmegaConf.to_container(cfg, resolve=False))
+    assert len(components) >= 8
+    for path in [*components, cfg.collate_fn]:
+        _get_component_from_path(path)
+    for key in ("enable_detailed_metrics", "enable_token_classification", "entropy_k", "run_val_every_n_steps"):
+        assert key in cfg
+    assert cfg.batch_size_val <= cfg.batch_size
+    assert cfg.agent_obs.prometheus_host == "127.0.0.1"
