@@ -161,11 +161,9 @@ def tool_names(records: list[Record]) -> list[str]:
 
 
 def draw(records: list[Record], *, k: int | None = None, title: str = ""):
-    """The report figure (matplotlib, Agg): one column per split, one row per panel group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    """The report figure: one column per split, one row per panel group (a bare Figure, no pyplot state)."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     splits = split_order(records)
     ks = topk_values(records)
@@ -183,7 +181,8 @@ def draw(records: list[Record], *, k: int | None = None, title: str = ""):
         ("accuracy", "Accuracy", "fraction", False),
     ]
     nrows = len(stat_rows) + 2 + (2 if tools else 0) + len(hist_classes)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 3.1 * nrows), squeeze=False, constrained_layout=True)
+    fig = Figure(figsize=(6.2 * ncols, 3.1 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     if title:
         fig.suptitle(title, fontsize=14, fontweight="bold")
     row = 0
@@ -235,7 +234,7 @@ def draw(records: list[Record], *, k: int | None = None, title: str = ""):
         ax.legend(fontsize=8)
     row += 1
     if tools:
-        palette = plt.get_cmap("tab10")
+        palette = colormaps["tab10"]
         for stat, name, unit in (
             ("entropy", "Entropy per tool", "nats"),
             ("accuracy", "Accuracy per tool", "fraction"),
@@ -349,16 +348,11 @@ def _fmt(v: float | None) -> str:
 
 def write_report(log: str | Path, out_html: str | Path, *, png: str | Path | None = None, k: int | None = None) -> None:
     """Read ``log`` and write the HTML report (and a PNG of the same figure when ``png`` is given)."""
-    from matplotlib import pyplot as plt
-
     records = load_records(log)
     fig = draw(records, k=k, title=f"agent-obs — {Path(log).name}")
-    try:
-        Path(out_html).write_text(render_html(records, fig, source=str(log)), encoding="utf-8")
-        if png is not None:
-            fig.savefig(png, format="png", dpi=90)
-    finally:
-        plt.close(fig)
+    Path(out_html).write_text(render_html(records, fig, source=str(log)), encoding="utf-8")
+    if png is not None:
+        fig.savefig(png, format="png", dpi=90)
 
 
 def _run(args: argparse.Namespace) -> int:

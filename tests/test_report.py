@@ -70,11 +70,8 @@ def run_log(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def figure(run_log):
-    from matplotlib import pyplot as plt
-
     fig = draw(load_records(run_log[0]))
-    yield {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
-    plt.close(fig)
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
 
 
 def _line(ax, label: str) -> tuple[np.ndarray, np.ndarray]:
