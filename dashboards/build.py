@@ -37,9 +37,9 @@ NATS = "suffix: nats"
 CLASS_COLORS = {"all": "text", "reasoning": "blue", "tool_call": "orange"}
 
 
-def _q(expr: str, legend: str, ref: str = "A") -> prometheus.Dataquery:
-    """A range query against the dashboard's datasource."""
-    return prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(ref).range().datasource(DS)
+def _q(expr: str, legend: str) -> prometheus.Dataquery:
+    """A range query against the dashboard's datasource (one per panel, so always refId A)."""
+    return prometheus.Dataquery().expr(expr).legend_format(legend).ref_id("A").range().datasource(DS)
 
 
 def _class_colors(panel: timeseries.Panel) -> timeseries.Panel:
