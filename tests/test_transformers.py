@@ -19,6 +19,7 @@ import torch
 from agent_obs.integrations.transformers import AgentChatCollator, AgentObsCallback, encode_conversation
 
 from agent_obs import TokenClass, compute_metrics, tool_id
+from agent_obs.exporters.jsonl import JsonlExporter
 from agent_obs.keys import parse_key
 
 transformers = pytest.importorskip("transformers")
@@ -339,7 +340,8 @@ def test_trainer_logs_equal_float64_reference_with_grad_accumulation(tok, sample
         eval_dataset=datasets.Dataset.from_list(samples[12:18]),
         data_collator=AgentChatCollator(tok, max_length=256),
     )
-    AgentObsCallback.install(trainer)
+    jsonl = tmp_path / "metrics.jsonl"
+    callback = AgentObsCallback.install(trainer, exporters=[JsonlExporter(jsonl)])
     trainer.train()
 
     assert recorder.leaked == []  # the model never received token_classes/tool_ids
@@ -367,6 +369,16 @@ def test_trainer_logs_equal_float64_reference_with_grad_accumulation(tok, sample
     rows = shifted_rows(recorder.records[before:])
     assert_logged(metrics, "eval", reference_metrics(*rows), rows)
 
+    # the exporters got exactly what the logs got, with the split and the trainer's step
+    callback.detach()
+    exported = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    splits = [("train", 2), ("eval", 2), ("train", 4), ("eval", 4), ("eval", 4)]
+    assert [(e["split"], e["step"]) for e in exported] == splits
+    for line, log in zip(exported, [*logs, metrics], strict=True):
+        for key, value in line.items():
+            if parse_key(key):
+                assert log[f"{line['split']}_{key}"] == pytest.approx(value, rel=1e-12), key
+
 
 def test_callback_passed_to_trainer_init_still_logs(tok, samples, tmp_path):
     """``Trainer(callbacks=[AgentObsCallback()])`` attaches at init; keys reach the history, evaluate()
@@ -390,6 +402,21 @@ def test_callback_passed_to_trainer_init_still_logs(tok, samples, tmp_path):
         metrics = trainer.evaluate(held_out) if split == "eval" else trainer.predict(held_out).metrics
         rows = shifted_rows(recorder.records[before:])
         assert_logged(metrics, split, reference_metrics(*rows), rows)
+
+
+def test_callback_after_report_to_integrations_says_how_to_install_it(tok, samples, tmp_path):
+    """Added after the report_to callbacks, the keys would miss them: one warning naming install()."""
+    model = make_model(len(tok))
+    callback = AgentObsCallback(model)
+    model.train()
+    model(**AgentChatCollator(tok, max_length=256)(samples[:2]))
+    args = train_args(tmp_path, report_to=["wandb"])
+    state = transformers.TrainerState(global_step=1)
+    logs = {"loss": 1.0}
+    with pytest.warns(UserWarning, match=r"AgentObsCallback.install\(trainer\)"):
+        callback.on_log(args, state, transformers.TrainerControl(), logs=logs)
+    assert "train_entropy" in logs
+    callback.detach()
 
 
 def test_liger_fused_cross_entropy_warns_at_attach_naming_the_option(tok, tmp_path):
