@@ -75,7 +75,7 @@ def _hermes_name(body: str) -> str | None:
     if m is None:
         return None
     try:
-        name = json.loads(f'"{m[1]}"')
+        name = json.loads(f'"{m[1]}"', strict=False)
     except ValueError:
         name = m[1]
     return name if name.strip() else None
