@@ -23,7 +23,7 @@ from warnings import warn
 
 import torch
 from agent_obs.integrations.torchtune.collate import padded_collate_agent_packed
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, open_dict
 from torch import nn
 from torch.distributed import (
     destroy_process_group,
@@ -85,6 +85,16 @@ def _build_exporters(cfg_obs: DictConfig) -> list:
         exporters.append(JsonlExporter(cfg_obs.jsonl_path, histograms=True))
         log.info(f"agent-obs: JSONL metrics log at {cfg_obs.jsonl_path}")
     return exporters
+
+
+def _forward_classification_flag(cfg: DictConfig, enabled: bool) -> None:
+    """agent-obs: pass ``enable_token_classification`` to AgentSFTDataset nodes that do not set it."""
+    for key in ("dataset", "dataset_val"):
+        nodes = cfg.get(key, None)
+        for node in nodes if isinstance(nodes, ListConfig) else [nodes]:
+            if node is not None and str(node.get("_component_", "")).endswith("AgentSFTDataset"):
+                with open_dict(node):
+                    node.setdefault("enable_token_classification", enabled)
 
 
 def _shift(t: torch.Tensor, fill: int) -> torch.Tensor:
@@ -387,6 +397,7 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         # sampler and dataloader depend on the tokenizer and loss_fn and should be
         # setup after both of these are initialized
         collate_name = cfg.get("collate_fn", "torchtune.data.padded_collate_sft")
+        _forward_classification_flag(cfg, self._enable_token_classification)
         self._dataloader = self._setup_data(
             cfg_dataset=cfg.dataset,
             shuffle=cfg.shuffle,
@@ -491,9 +502,7 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
 
         return lr_scheduler
 
-    def _setup_profiler(
-        self, cfg_profiler: DictConfig | None = None
-    ) -> torch.profiler.profile | DummyProfiler:
+    def _setup_profiler(self, cfg_profiler: DictConfig | None = None) -> torch.profiler.profile | DummyProfiler:
         """
         Parses the `profiler` section of top-level `cfg` and sets up profiler
 
