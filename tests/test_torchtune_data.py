@@ -209,3 +209,14 @@ def test_classification_off_or_failing_still_trains(assets, caplog):
     for sample, ref in zip(samples, (plain[0], plain[1]), strict=True):
         assert sample["tokens"] == ref["tokens"] and list(sample["labels"]) == list(ref["labels"])
         assert set(sample["token_classes"]) == {IGNORE, CONTEXT} and set(sample["tool_ids"]) == {-1}
+
+
+def test_truncated_sample_keeps_the_untruncated_classes_prefix(assets):
+    kw = {"source": "json", "data_files": str(DATA_DIR / "agent_sft_val.jsonl"), "message_transform": JSONToMessages()}
+    full = AgentSFTDataset(_tokenizer(assets), **kw)[0]
+    for max_len in (300, 517, len(full["tokens"]) - 3):
+        cut = AgentSFTDataset(_tokenizer(assets, max_seq_len=max_len), **kw)[0]
+        assert len(cut["tokens"]) == len(cut["token_classes"]) == len(cut["tool_ids"]) == max_len
+        assert cut["token_classes"][:-1] == full["token_classes"][: max_len - 1]
+        assert cut["tool_ids"][:-1] == full["tool_ids"][: max_len - 1]
+        assert cut["token_classes"][-1] == IGNORE  # the eos that truncation writes last
