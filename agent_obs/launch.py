@@ -58,7 +58,11 @@ def launch_command(nproc_per_node: int, config: str | Path, overrides: list[str]
 
 
 def _run(args: argparse.Namespace) -> int:
-    cmd = launch_command(args.nproc_per_node, args.config, args.overrides)
+    try:
+        cmd = launch_command(args.nproc_per_node, args.config, args.overrides)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"agent-obs run: {exc}", file=sys.stderr)
+        return 2
     print("+ " + " ".join(cmd), flush=True)
     return subprocess.call(cmd, env=os.environ.copy())
 
