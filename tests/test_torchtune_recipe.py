@@ -75,6 +75,7 @@ def test_two_rank_cpu_run_logs_every_metric_for_train_and_val_and_saves_a_reload
     log = _run(
         tmp_path, assets, "max_steps_per_epoch=4", "run_val_every_n_steps=2", "max_val_steps=1",
         "log_detailed_metrics_every_n_steps=1", "agent_obs.prometheus_port=0", f"agent_obs.jsonl_path={jsonl}",
+        "agent_obs.otlp_endpoint=http://127.0.0.1:9/v1/metrics",  # nothing listens: exporters must not stop training
     )  # fmt: skip
     assert sorted(log) == [1, 2, 3, 4]
     for step, values in log.items():
