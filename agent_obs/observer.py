@@ -260,8 +260,14 @@ class Observer:
             check_inputs((*classes.shape, 1), None, classes)
 
     def _tool_slots(self, tool_ids: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Map tool ids to accumulator slots on the host (a sync if ``tool_ids`` is on a GPU)."""
-        ids = torch.where(classes.to(tool_ids.device) == TokenClass.TOOL_CALL, tool_ids, NO_TOOL).cpu()
+        """Map tool ids to accumulator slots on the host (a sync if ``tool_ids`` is on a GPU).
+
+        Ids off tool_call tokens count nowhere; they are dropped here when ``classes`` are on the
+        host (so they take no slot) and otherwise left for the accumulator to ignore.
+        """
+        ids = tool_ids.cpu()
+        if classes.device.type == "cpu":
+            ids = torch.where(classes == TokenClass.TOOL_CALL, ids, NO_TOOL)
         uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
         lut = torch.empty(len(uniq), dtype=torch.long)
         for i in counts.argsort(descending=True, stable=True).tolist():  # frequent tools get the free slots first
