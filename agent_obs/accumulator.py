@@ -12,7 +12,17 @@ from dataclasses import dataclass
 
 import torch
 
-from agent_obs.kernel import NUM_ROW_STATS, ROW_CORRECT, ROW_ENTROPY, ROW_FINITE, ROW_NLL, row_stats
+from agent_obs.kernel import (
+    NUM_ROW_STATS,
+    ROW_CORRECT,
+    ROW_ENTROPY,
+    ROW_FINITE,
+    ROW_NLL,
+    Fused,
+    finish_row_stats,
+    fused_block_stats,
+    rows_per_call,
+)
 from agent_obs.keys import CLASS_GROUPS, NONFINITE, group_prefix
 from agent_obs.token_class import TokenClass
 
@@ -22,6 +32,8 @@ PERPLEXITY_CAP = 1e6
 # Upper bucket edges (nats) of the per-token entropy histogram; the last bucket is +Inf.
 ENTROPY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
+# Plain ints: under torch.compile (2.13) ``tensor != IntEnum member`` wrongly evaluates to all-True.
+_IGNORE, _REASONING, _TOOL_CALL = int(TokenClass.IGNORE), int(TokenClass.REASONING), int(TokenClass.TOOL_CALL)
 # Columns of ``sums`` before the top-k masses; histogram counts follow the masses.
 COL_TOKENS, COL_LABELED, COL_ENTROPY, COL_NLL, COL_CORRECT, COL_NONFINITE = range(6)
 _FIXED_COLS = 6
@@ -93,64 +105,91 @@ class StatsAccumulator:
         *,
         ignore_index: int = -100,
     ) -> None:
-        """Add rows of ``logits`` ``[N, V]`` (labels/classes/tool slots ``[N]``), chunk by chunk."""
+        """Add rows of ``logits`` ``[N, V]`` (labels/classes/tool slots ``[N]``), chunk by chunk, without host syncs."""
         n, vocab = logits.shape
         if n == 0:
             return
-        step = self.chunk_tokens or default_chunk_tokens(vocab)
+        dev = logits.device
+        labels, classes, tool_slots = (None if t is None else t.to(dev) for t in (labels, classes, tool_slots))
+        slots = tool_slots if self.num_tool_slots and classes is not None else None
+        step = rows_per_call(self.chunk_tokens or default_chunk_tokens(vocab), _fused_chunk_sums.compiling)
         for start in range(0, n, step):
             sl = slice(start, min(n, start + step))
-            self._update_chunk(
-                logits[sl],
+            x = logits[sl]
+            sums = _fused_chunk_sums(
+                x,
                 None if labels is None else labels[sl],
                 None if classes is None else classes[sl],
-                None if tool_slots is None else tool_slots[sl],
+                None if slots is None else slots[sl],
+                *fused_block_stats(x),
+                self.topk,
                 ignore_index,
+                self.num_tool_slots,
             )
-
-    def _update_chunk(self, logits, labels, classes, tool_slots, ignore_index) -> None:
-        dev = self.sums.device
-        stats = row_stats(logits, labels, self.topk).to(dev)
-        n = stats.shape[0]
-        selected = torch.ones(n, dtype=torch.bool, device=dev)
-        if labels is not None:
-            labels = labels.to(dev)
-            selected &= labels != ignore_index
-        if classes is not None:
-            classes = classes.to(dev)
-            selected &= classes != TokenClass.IGNORE
-        finite = stats[:, ROW_FINITE] > 0
-        ok = selected & finite
-        buckets = torch.bucketize(stats[:, ROW_ENTROPY].contiguous(), self._edges)
-        columns = [
-            ok,
-            ok if labels is not None else torch.zeros_like(ok),
-            stats[:, ROW_ENTROPY],
-            stats[:, ROW_NLL],
-            stats[:, ROW_CORRECT],
-            selected & ~finite,
-            *stats[:, NUM_ROW_STATS:].unbind(-1),
-        ]
-        values = torch.stack([c.to(torch.float64) for c in columns], dim=-1)
-        values[:, COL_ENTROPY:COL_NONFINITE] = torch.where(ok[:, None], values[:, COL_ENTROPY:COL_NONFINITE], 0.0)
-        values[:, COL_NONFINITE + 1 :] = torch.where(ok[:, None], values[:, COL_NONFINITE + 1 :], 0.0)
-        hist = torch.nn.functional.one_hot(buckets, len(ENTROPY_BUCKETS) + 1).to(torch.float64) * ok[:, None]
-        values = torch.cat([values, hist], dim=-1)
-        member = torch.zeros(n, self.num_groups, dtype=torch.float64, device=dev)
-        member[:, 0] = selected
-        if classes is not None:
-            member[:, 1] = selected & (classes == TokenClass.REASONING)
-            member[:, 2] = selected & (classes == TokenClass.TOOL_CALL)
-            if tool_slots is not None and self.num_tool_slots:
-                slots = tool_slots.to(dev).long()
-                in_tool = selected & (classes == TokenClass.TOOL_CALL) & (slots >= 0)
-                onehot = torch.nn.functional.one_hot(slots.clamp(0, self.num_tool_slots - 1), self.num_tool_slots)
-                member[:, 3:] = onehot.to(torch.float64) * in_tool[:, None]
-        self.sums += member.T @ values
+            self.sums += sums.to(self.sums.device)
 
     def metrics(self, tool_names: dict[int, str] | None = None) -> Metrics:
         """The means of the current sums (syncs to host): keys as in ``agent_obs.keys``."""
         return metrics_from_sums(self.sums.cpu(), self.topk, tool_names or {})
+
+
+def chunk_sums(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    classes: torch.Tensor | None,
+    tool_slots: torch.Tensor | None,
+    bmax: torch.Tensor,
+    bsum: torch.Tensor,
+    bdot: torch.Tensor,
+    topk: tuple[int, ...],
+    ignore_index: int,
+    num_tool_slots: int,
+) -> torch.Tensor:
+    """One chunk's ``[group, column]`` float64 sums from its logits and ``block_stats``: pure torch, compiled as one graph.
+
+    Rows are selected by label/class, non-finite ones only counted; group membership is a
+    ``[N, group]`` 0/1 matrix, so every group's sums come from one reduction over the rows.
+    """
+    stats = finish_row_stats(logits, labels, bmax, bsum, bdot, topk)
+    selected = torch.ones_like(stats[:, 0], dtype=torch.bool)
+    if labels is not None:
+        selected = selected & (labels != ignore_index)
+    if classes is not None:
+        selected = selected & (classes != _IGNORE)
+    finite = stats[:, ROW_FINITE] > 0
+    ok = selected & finite
+    entropy = stats[:, ROW_ENTROPY]
+    bucket = sum((entropy > edge).long() for edge in ENTROPY_BUCKETS)  # (edges[i-1], edges[i]] -> i
+    hist = [bucket == i for i in range(len(ENTROPY_BUCKETS) + 1)]
+    ok_f = ok.double()
+    columns = [
+        ok_f,
+        ok_f if labels is not None else torch.zeros_like(ok_f),
+        entropy,
+        stats[:, ROW_NLL],
+        stats[:, ROW_CORRECT],
+        (selected & ~finite).double(),
+        *stats[:, NUM_ROW_STATS:].unbind(-1),
+        *hist,
+    ]
+    values = torch.stack(
+        [c if i == COL_NONFINITE else torch.where(ok, c.double(), 0.0) for i, c in enumerate(columns)], dim=-1
+    )
+    groups = [selected]
+    if classes is not None:
+        tool_call = selected & (classes == _TOOL_CALL)
+        groups += [selected & (classes == _REASONING), tool_call]
+        if tool_slots is not None:
+            slots = tool_slots.long().clamp(max=num_tool_slots - 1)
+            in_tool = tool_call & (tool_slots >= 0)
+            groups += [in_tool & (slots == i) for i in range(num_tool_slots)]
+    member = torch.stack(groups, dim=-1).double()
+    sums = (member[:, :, None] * values[:, None, :]).sum(0)
+    pad = len(CLASS_GROUPS) + num_tool_slots - sums.shape[0]
+    return torch.nn.functional.pad(sums, (0, 0, 0, pad))
+
+
+_fused_chunk_sums = Fused(chunk_sums)
 
 
 def metrics_from_sums(sums: torch.Tensor, topk: tuple[int, ...], tool_names: dict[int, str]) -> Metrics:

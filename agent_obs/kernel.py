@@ -1,39 +1,222 @@
-"""Per-row statistics of a chunk of logits: the only place the vocabulary is read.
+"""Per-row statistics of a chunk of logits in one fused, cache-resident pass: the only place the vocabulary is read.
 
-``row_stats`` turns ``[N, V]`` logits into ``[N, NUM_ROW_STATS + len(topk)]`` float32
-columns (see ``ROW_*``) without materialising a full fp32 softmax of more than one chunk.
+Design (measured in ``bench/metrics_kernel.py``): the row is cut into blocks of ``BLOCK`` logits.
+One reduction kernel reads each block once and, while it sits in L1, produces the block's max,
+``sum exp(x - max)`` and ``sum exp(x - max) * (x - max)`` (exp once per logit). The per-block
+triples are then combined like an online softmax (``[N, V / BLOCK]`` values, ~1% of the
+logits) into the exact full-vocabulary logsumexp and entropy. The block maxima also locate the
+top-k: the ``k`` blocks with the largest maxima hold the ``k`` largest logits (any block
+outside them has ``k`` larger-or-equal maxima before it), so ``torch.topk`` runs on ``k x
+BLOCK`` gathered candidates instead of the row, and the first argmax comes from the first block
+attaining the row max. Everything is plain torch ops, so ``torch.compile`` (inductor) fuses it
+into one C++/OpenMP reduction kernel on CPU and a Triton kernel on GPU; a hand-written C++
+kernel (``cpp_extension.load_inline``) would be CPU-only and cost ~a minute of compile on a
+fresh machine. The token count is compiled as an unbacked dynamic size, so no later call
+recompiles for a new number of rows (0 and 1 rows, which the compiler would specialise, run eagerly).
+
+Without a working compiler (or with ``AGENT_OBS_COMPILE=0``) the same function runs eagerly
+(warning once on a compile failure); callers then feed it smaller chunks (``EAGER_SPLIT``),
+since eager mode materialises a few fp32 copies of its input.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from collections.abc import Callable
 
 import torch
 
 ROW_ENTROPY, ROW_NLL, ROW_CORRECT, ROW_FINITE = 0, 1, 2, 3
 NUM_ROW_STATS = 4  # then one top-k mass column per k, in the order of ``topk``
+BLOCK = 128  # logits per block: one block of fp32 is 8 AVX-512 registers / 4 warps' loads
+_MAX_ROUNDS = 16  # top-k up to this k by fused masked-max rounds, beyond it by torch.topk
+EAGER_SPLIT = 8  # eager mode keeps ~5 fp32 temporaries per row: it gets 1/8 of a chunk
+COMPILED_ROWS = 4  # the compiled kernels keep < V / 32 fp32 per row: 4 chunks per call stay in a chunk's memory
+_UNDERFLOW = -200.0  # exp(-200) == 0 in fp32: clamping differences there is exact and avoids 0 * -inf
 
 
-def row_stats(logits: torch.Tensor, labels: torch.Tensor | None, topk: tuple[int, ...]) -> torch.Tensor:
-    """Entropy, label NLL, argmax==label, finiteness and top-k masses of each row, in fp32.
+def block_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass 1, the only full read of ``[N, V]`` logits: per block of ``BLOCK`` logits (``[N, V // BLOCK]`` each)
+    the max, ``sum exp(x - max)`` and ``sum exp(x - max) * (x - max)``, in fp32; a tail shorter than a block is
+    left to ``finish_row_stats``."""
+    n, vocab = logits.shape
+    blk = min(BLOCK, vocab)
+    nblk = vocab // blk
+    return _block_stats(logits[:, : nblk * blk].view(n, nblk, blk).float())
 
-    ``labels`` may hold any value where the caller will not select the row (it is clamped);
-    rows without labels get NLL 0 and correct 0. A row is finite when it has no NaN/+inf
-    and not every entry is -inf.
+
+def finish_row_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    bmax: torch.Tensor,
+    bsum: torch.Tensor,
+    bdot: torch.Tensor,
+    topk: tuple[int, ...],
+) -> torch.Tensor:
+    """Pass 2, on ``block_stats``' output and a few gathered blocks: ``[N, NUM_ROW_STATS + len(topk)]`` fp32.
+
+    Entropy, label NLL, argmax==label, finiteness and top-k masses of each row. ``labels`` may
+    hold any value on rows the caller will not select (it is clamped); rows without labels get
+    NLL 0 and correct 0. A row is finite when it has no NaN/+inf and not every entry is -inf;
+    other rows hold garbage.
     """
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
-    finite = torch.isfinite(lse.squeeze(-1)) & ~torch.isnan(x).any(-1)
-    logp = x - lse
-    p = logp.exp()
-    entropy = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
-    kmax = min(max(topk), x.shape[-1])
-    top_p, top_i = p.topk(kmax, dim=-1)
-    csum = top_p.cumsum(-1)
-    masses = [csum[:, min(k, kmax) - 1] for k in topk]
+    n, vocab = logits.shape
+    blk = min(BLOCK, vocab)
+    nblk = vocab // blk
+    main = nblk * blk
+    xb = logits[:, :main].view(n, nblk, blk)
+    tail = logits[:, main:].float() if main < vocab else None
+    if tail is not None:
+        tmax, tsum, tdot = _block_stats(tail.unsqueeze(1))
+        bmax_all, bsum, bdot = (torch.cat(p, dim=1) for p in ((bmax, tmax), (bsum, tsum), (bdot, tdot)))
+    else:
+        bmax_all = bmax
+    row_max = bmax_all.amax(-1)
+    finite = torch.isfinite(row_max)
+    m = torch.where(finite, row_max, 0.0)
+    shift = torch.where(torch.isfinite(bmax_all), bmax_all - m[:, None], 0.0).clamp(min=_UNDERFLOW)
+    w = shift.exp()
+    s = (w * bsum).sum(-1)  # sum exp(x - m) >= 1 on finite rows
+    t = (w * (bdot + bsum * shift)).sum(-1)  # sum exp(x - m) * (x - m) <= 0: no cancellation
+    log_s = s.log()
+    entropy = log_s - t / s
+
+    kmax = min(max(topk), vocab)
+    kblk = min(kmax, nblk)
+    blocks = _top_blocks(bmax, kblk)
+    cand = xb.gather(1, blocks[:, :, None].expand(n, kblk, blk)).reshape(n, kblk * blk).float()
+    if tail is not None:
+        cand = torch.cat((cand, tail), dim=1)
+    values, counts = _top_values(cand, kmax)
+    probs = ((values - m[:, None]).clamp(min=_UNDERFLOW) - log_s[:, None]).exp()
+    masses = [_topk_mass(probs, counts, k) for k in topk]
+
     if labels is None:
         nll = torch.zeros_like(entropy)
         correct = torch.zeros_like(entropy)
     else:
-        idx = labels.clamp(0, x.shape[-1] - 1).long().unsqueeze(-1)
-        nll = -logp.gather(-1, idx).squeeze(-1)
-        correct = (top_i[:, 0] == idx.squeeze(-1)).float()
+        lab = labels.long().clamp(0, vocab - 1)
+        x_label = logits.gather(1, lab[:, None]).squeeze(1).float()
+        nll = log_s - (x_label - m)  # = logsumexp - x_label, without subtracting two large numbers
+        correct = (_first_argmax(xb, bmax_all, tail, nblk, blk) == lab).float()
     return torch.stack([entropy, nll, correct, finite.float(), *masses], dim=-1)
+
+
+def _block_stats(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Max, ``sum exp(x - max)`` and ``sum exp(x - max) * (x - max)`` over the last dim of fp32 blocks."""
+    bmax = xb.amax(-1)
+    base = torch.where(torch.isfinite(bmax), bmax, 0.0)
+    d = (xb - base[..., None]).clamp(min=_UNDERFLOW)
+    e = d.exp()
+    return bmax, e.sum(-1), (e * d).sum(-1)
+
+
+def _top_blocks(bmax: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of ``k`` distinct blocks with the largest maxima (k rounds of masked argmax: fusable, unlike topk)."""
+    idx = torch.arange(bmax.shape[1], device=bmax.device)
+    key = torch.where(bmax == -math.inf, -torch.finfo(torch.float32).max, bmax)  # an all -inf block beats a taken one
+    chosen: list[torch.Tensor] = []
+    for _ in range(k):
+        masked = key
+        for c in chosen:
+            masked = torch.where(idx == c[:, None], -math.inf, masked)
+        chosen.append(masked.argmax(-1))
+    return torch.stack(chosen, dim=1)
+
+
+def _top_values(cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest distinct values of each row (descending) and how often each occurs: ``[N, k]`` twice.
+
+    Small k: k rounds of "max below the previous max" on the cache-resident candidates, fused by
+    inductor; large k: ``torch.topk`` (each value then counted once).
+    """
+    if k > _MAX_ROUNDS:
+        values = cand.topk(k, dim=-1).values
+        return values, torch.ones_like(values)
+    values, counts = [], []
+    for _ in range(k):
+        v = cand.amax(-1) if not values else torch.where(cand < values[-1][:, None], cand, -math.inf).amax(-1)
+        values.append(v)
+        counts.append((cand == v[:, None]).sum(-1).float())
+    return torch.stack(values, dim=1), torch.stack(counts, dim=1)
+
+
+def _topk_mass(probs: torch.Tensor, counts: torch.Tensor, k: int) -> torch.Tensor:
+    """Summed probability of the ``k`` most likely tokens from distinct top probabilities and their multiplicities."""
+    mass = torch.zeros_like(probs[:, 0])
+    taken = torch.zeros_like(mass)
+    for j in range(probs.shape[1]):
+        take = (k - taken).clamp(min=0).minimum(counts[:, j])
+        mass = mass + probs[:, j] * take
+        taken = taken + counts[:, j]
+    return mass
+
+
+def _first_argmax(
+    xb: torch.Tensor, bmax_all: torch.Tensor, tail: torch.Tensor | None, nblk: int, blk: int
+) -> torch.Tensor:
+    """Index of the first maximum of each row (as ``torch.argmax``), from the first block attaining it."""
+    first_block = bmax_all.argmax(-1)
+    in_main = first_block.clamp(max=nblk - 1)
+    block = xb.gather(1, in_main[:, None, None].expand(-1, 1, blk)).squeeze(1)
+    idx = in_main * blk + block.float().argmax(-1)
+    if tail is None:
+        return idx
+    return torch.where(first_block == nblk, nblk * blk + tail.argmax(-1), idx)
+
+
+class Fused:
+    """``fn`` compiled with the leading (token) dim of its tensor arguments dynamic; eager when compile is off or fails.
+
+    Calls with fewer than 2 rows run eagerly (the compiler specialises sizes 0 and 1, so compiling
+    them would recompile), ``AGENT_OBS_COMPILE=0`` selects eager mode, and a compile failure warns
+    once and stays eager.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+        self.fn = fn
+        self._compiled = torch.compile(fn, dynamic=False)
+        self._failed = False
+        functools.update_wrapper(self, fn)
+
+    @property
+    def compiling(self) -> bool:
+        """Whether calls (of >= 2 rows) run the compiled kernel; if not, callers should pass smaller chunks."""
+        return not self._failed and os.environ.get("AGENT_OBS_COMPILE", "1") != "0"
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if not self.compiling or tensors[0].shape[0] < 2:
+            return self.fn(*args, **kwargs)
+        for t in tensors:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        try:
+            return self._compiled(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure falls back to eager
+            self._failed = True
+            warnings.warn(
+                f"agent_obs: torch.compile of {self.fn.__name__} failed ({type(exc).__name__}: {exc}); "
+                "using eager torch ops (slower, smaller chunks). Set AGENT_OBS_COMPILE=0 to skip compiling.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return self.fn(*args, **kwargs)
+
+
+def rows_per_call(chunk_tokens: int, compiling: bool) -> int:
+    """Rows per kernel call that keep extra memory below ``chunk_tokens x V x 4`` bytes (fewer calls when compiled)."""
+    return chunk_tokens * COMPILED_ROWS if compiling else max(1, chunk_tokens // EAGER_SPLIT)
+
+
+fused_block_stats = Fused(block_stats)
+_fused_finish = Fused(finish_row_stats)
+
+
+def row_stats(logits: torch.Tensor, labels: torch.Tensor | None, topk: tuple[int, ...]) -> torch.Tensor:
+    """Entropy, NLL, correct, finite and top-k masses of ``[N, V]`` logits (see ``finish_row_stats``), fused."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros(0, NUM_ROW_STATS + len(topk), dtype=torch.float32)
+    return _fused_finish(logits, labels, *fused_block_stats(logits), tuple(topk))
