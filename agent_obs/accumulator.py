@@ -145,7 +145,7 @@ def chunk_sums(
     ignore_index: int,
     num_tool_slots: int,
 ) -> torch.Tensor:
-    """One chunk's ``[group, column]`` float64 sums from its logits and ``block_stats``: pure torch, compiled as one graph.
+    """One chunk's ``[group, column]`` float64 sums from its logits and ``block_stats`` (pure torch, compiled).
 
     Rows are selected by label/class, non-finite ones only counted; group membership is a
     ``[N, group]`` 0/1 matrix, so every group's sums come from one reduction over the rows.

@@ -195,7 +195,7 @@ class Fused:
             torch._dynamo.maybe_mark_dynamic(t, 0)
         try:
             return self._compiled(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure falls back to eager
+        except Exception as exc:  # any compiler/toolchain failure falls back to eager
             self._failed = True
             warnings.warn(
                 f"agent_obs: torch.compile of {self.fn.__name__} failed ({type(exc).__name__}: {exc}); "
