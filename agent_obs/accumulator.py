@@ -148,7 +148,7 @@ def chunk_sums(
     """One chunk's ``[group, column]`` float64 sums from its logits and ``block_stats`` (pure torch, compiled).
 
     Rows are selected by label/class, non-finite ones only counted; group membership is a
-    ``[N, group]`` 0/1 matrix, so every group's sums come from one reduction over the rows.
+    ``[N, group]`` mask, so every group's sums come from one fused reduction over the rows.
     """
     stats = finish_row_stats(logits, labels, bmax, bsum, bdot, topk)
     selected = torch.ones_like(stats[:, 0], dtype=torch.bool)
@@ -183,8 +183,8 @@ def chunk_sums(
             slots = tool_slots.long().clamp(max=num_tool_slots - 1)
             in_tool = tool_call & (tool_slots >= 0)
             groups += [in_tool & (slots == i) for i in range(num_tool_slots)]
-    member = torch.stack(groups, dim=-1).double()
-    sums = (member[:, :, None] * values[:, None, :]).sum(0)
+    member = torch.stack(groups, dim=-1)
+    sums = torch.where(member[:, :, None], values[:, None, :], 0.0).sum(0)  # not a product: 0 * inf NLL is NaN
     pad = len(CLASS_GROUPS) + num_tool_slots - sums.shape[0]
     return torch.nn.functional.pad(sums, (0, 0, 0, pad))
 

@@ -1,28 +1,28 @@
-"""Per-row statistics of a chunk of logits in one fused, cache-resident pass: the only place the vocabulary is read.
+"""Per-row statistics of chunks of logits in one cache-resident pass: the only place the vocabulary is read.
 
 Design (measured in ``bench/metrics_kernel.py``): the row is cut into blocks of ``BLOCK`` logits.
-One reduction kernel reads each block once and, while it sits in L1, produces the block's max,
-``sum exp(x - max)`` and ``sum exp(x - max) * (x - max)`` (exp once per logit). The per-block
-triples are then combined like an online softmax (``[N, V / BLOCK]`` values, ~1% of the
-logits) into the exact full-vocabulary logsumexp and entropy. The block maxima also locate the
-top-k: the ``k`` blocks with the largest maxima hold the ``k`` largest logits (any block
-outside them has ``k`` larger-or-equal maxima before it), so ``torch.topk`` runs on ``k x
-BLOCK`` gathered candidates instead of the row, and the first argmax comes from the first block
-attaining the row max. Everything is plain torch ops, so ``torch.compile`` (inductor) fuses it
-into one C++/OpenMP reduction kernel on CPU and a Triton kernel on GPU; a hand-written C++
-kernel (``cpp_extension.load_inline``) would be CPU-only and cost ~a minute of compile on a
-fresh machine. The token count is compiled as an unbacked dynamic size, so no later call
-recompiles for a new number of rows (0 and 1 rows, which the compiler would specialise, run eagerly).
+Pass 1 (``block_stats``) reads each block once and, while it sits in L1, produces its max,
+``sum exp(x - max)`` and ``sum exp(x - max) * (x - max)`` (exp once per logit). Pass 2
+(``finish_row_stats``) combines the ``[N, V / BLOCK]`` triples like an online softmax into the exact
+full-vocabulary logsumexp and entropy. The block maxima also locate the top-k: the ``k`` blocks
+with the largest maxima hold the ``k`` largest logits (a block outside them has ``k`` maxima at
+least as large before it), so ``torch.topk`` runs on ``k x BLOCK`` gathered candidates instead of
+the row, and the first argmax comes from the first block attaining the row max.
 
-Without a working compiler (or with ``AGENT_OBS_COMPILE=0``) the same function runs eagerly
-(warning once on a compile failure); callers then feed it smaller chunks (``EAGER_SPLIT``),
-since eager mode materialises a few fp32 copies of its input.
+Everything is plain torch ops compiled by ``torch.compile`` (inductor): a C++/OpenMP kernel on
+CPU, Triton on GPU, from the same code. The two passes are separate graphs because inductor
+otherwise splits pass 1 into two loops (two reads of the logits). The token dim is marked
+dynamic, so a new number of rows never recompiles; 0/1-row calls (sizes the compiler would
+specialise) run eagerly. Alternatives measured: fused masked-max rounds instead of
+``torch.topk`` (slower here and +40% compile time), one graph (two reads), and unbacked sizes
+(materialised exp(x) buffers). A hand-written ``cpp_extension`` kernel would be CPU-only.
+Without a compiler, or with ``AGENT_OBS_COMPILE=0``, the same functions run eagerly (a compile
+failure warns once), on smaller chunks (``EAGER_SPLIT``): eager ops materialise fp32 temporaries.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 import warnings
 from collections.abc import Callable
@@ -32,7 +32,6 @@ import torch
 ROW_ENTROPY, ROW_NLL, ROW_CORRECT, ROW_FINITE = 0, 1, 2, 3
 NUM_ROW_STATS = 4  # then one top-k mass column per k, in the order of ``topk``
 BLOCK = 128  # logits per block: one block of fp32 is 8 AVX-512 registers / 4 warps' loads
-_MAX_ROUNDS = 16  # top-k up to this k by fused masked-max rounds, beyond it by torch.topk
 EAGER_SPLIT = 8  # eager mode keeps ~5 fp32 temporaries per row: it gets 1/8 of a chunk
 COMPILED_ROWS = 4  # the compiled kernels keep < V / 32 fp32 per row: 4 chunks per call stay in a chunk's memory
 _UNDERFLOW = -200.0  # exp(-200) == 0 in fp32: clamping differences there is exact and avoids 0 * -inf
@@ -86,13 +85,13 @@ def finish_row_stats(
 
     kmax = min(max(topk), vocab)
     kblk = min(kmax, nblk)
-    blocks = _top_blocks(bmax, kblk)
+    blocks = bmax.topk(kblk, dim=-1).indices
     cand = xb.gather(1, blocks[:, :, None].expand(n, kblk, blk)).reshape(n, kblk * blk).float()
     if tail is not None:
         cand = torch.cat((cand, tail), dim=1)
-    values, counts = _top_values(cand, kmax)
-    probs = ((values - m[:, None]).clamp(min=_UNDERFLOW) - log_s[:, None]).exp()
-    masses = [_topk_mass(probs, counts, k) for k in topk]
+    top = cand.topk(kmax, dim=-1).values  # ties come out repeated, as in the full row
+    csum = ((top - m[:, None]).clamp(min=_UNDERFLOW) - log_s[:, None]).exp().cumsum(-1)
+    masses = [csum[:, min(k, kmax) - 1] for k in topk]
 
     if labels is None:
         nll = torch.zeros_like(entropy)
@@ -112,47 +111,6 @@ def _block_stats(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     d = (xb - base[..., None]).clamp(min=_UNDERFLOW)
     e = d.exp()
     return bmax, e.sum(-1), (e * d).sum(-1)
-
-
-def _top_blocks(bmax: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of ``k`` distinct blocks with the largest maxima (k rounds of masked argmax: fusable, unlike topk)."""
-    idx = torch.arange(bmax.shape[1], device=bmax.device)
-    key = torch.where(bmax == -math.inf, -torch.finfo(torch.float32).max, bmax)  # an all -inf block beats a taken one
-    chosen: list[torch.Tensor] = []
-    for _ in range(k):
-        masked = key
-        for c in chosen:
-            masked = torch.where(idx == c[:, None], -math.inf, masked)
-        chosen.append(masked.argmax(-1))
-    return torch.stack(chosen, dim=1)
-
-
-def _top_values(cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest distinct values of each row (descending) and how often each occurs: ``[N, k]`` twice.
-
-    Small k: k rounds of "max below the previous max" on the cache-resident candidates, fused by
-    inductor; large k: ``torch.topk`` (each value then counted once).
-    """
-    if k > _MAX_ROUNDS:
-        values = cand.topk(k, dim=-1).values
-        return values, torch.ones_like(values)
-    values, counts = [], []
-    for _ in range(k):
-        v = cand.amax(-1) if not values else torch.where(cand < values[-1][:, None], cand, -math.inf).amax(-1)
-        values.append(v)
-        counts.append((cand == v[:, None]).sum(-1).float())
-    return torch.stack(values, dim=1), torch.stack(counts, dim=1)
-
-
-def _topk_mass(probs: torch.Tensor, counts: torch.Tensor, k: int) -> torch.Tensor:
-    """Summed probability of the ``k`` most likely tokens from distinct top probabilities and their multiplicities."""
-    mass = torch.zeros_like(probs[:, 0])
-    taken = torch.zeros_like(mass)
-    for j in range(probs.shape[1]):
-        take = (k - taken).clamp(min=0).minimum(counts[:, j])
-        mass = mass + probs[:, j] * take
-        taken = taken + counts[:, j]
-    return mass
 
 
 def _first_argmax(
