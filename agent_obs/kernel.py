@@ -109,8 +109,9 @@ def _block_stats(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     bmax = xb.amax(-1)
     base = torch.where(torch.isfinite(bmax), bmax, 0.0)
     d = (xb - base[..., None]).clamp(min=_UNDERFLOW)
-    e = d.exp()
-    return bmax, e.sum(-1), (e * d).sum(-1)
+    # exp(d) written twice on purpose: inductor then emits one loop with one exp and two accumulators;
+    # a shared ``e`` is materialised (a full-size buffer when rows are strided, i.e. V % BLOCK != 0).
+    return bmax, d.exp().sum(-1), (d.exp() * d).sum(-1)
 
 
 def _first_argmax(
