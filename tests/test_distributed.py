@@ -7,6 +7,7 @@ chunked output and a backward pass.
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     from agent_obs.tools import known_tools
 
     torch.set_num_threads(1)  # two ranks on a 2-core machine: no oversubscription
+    # eager statistics kernel: compiling it again in each fresh rank costs far more than this test computes
+    os.environ["AGENT_OBS_COMPILE"] = "0"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         unknown_here = contract_id("find_file_x") not in known_tools()
@@ -105,8 +108,8 @@ def plain_batches_from_file(out_dir: str, rank: int):
 def test_two_gloo_ranks_equal_single_process_over_the_union(tmp_path):
     for rank in range(WORLD):
         torch.save(plain_batches(rank), tmp_path / f"batches{rank}.pt")
-    # fork: the children inherit the imported modules (a spawn re-imports torch+torchtune, ~30 s here)
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, start_method="fork")
+    # spawn, not fork: forking a pytest process that already ran compiled kernels / OpenMP threads can deadlock
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert results[1]["unknown_here"]  # so rank 1's key for it can only come from rank 0 in the merge
 
