@@ -10,12 +10,13 @@ least as large before it), so ``torch.topk`` runs on ``k x BLOCK`` gathered cand
 the row, and the first argmax comes from the first block attaining the row max.
 
 Everything is plain torch ops compiled by ``torch.compile`` (inductor): a C++/OpenMP kernel on
-CPU, Triton on GPU, from the same code. The two passes are separate graphs because inductor
-otherwise splits pass 1 into two loops (two reads of the logits). The token dim is marked
-dynamic, so a new number of rows never recompiles; 0/1-row calls (sizes the compiler would
-specialise) run eagerly. Alternatives measured: fused masked-max rounds instead of
-``torch.topk`` (slower here and +40% compile time), one graph (two reads), and unbacked sizes
-(materialised exp(x) buffers). A hand-written ``cpp_extension`` kernel would be CPU-only.
+CPU, Triton on GPU, from the same code, ~12 s of compile on a cold cache here. The two passes are
+separate graphs because inductor otherwise splits pass 1 into two loops (two reads of the
+logits). The token dim is marked dynamic, so a new number of rows never recompiles; 0/1-row
+calls (sizes the compiler would specialise) run eagerly. Alternatives measured and dropped:
+fused masked-max rounds instead of ``torch.topk`` (slower here, +40% compile time), one graph
+(two reads), unbacked sizes and a shared ``exp`` buffer (both materialise a full-size exp(x)).
+A hand-written ``cpp_extension`` kernel would be CPU-only and a second implementation to test.
 Without a compiler, or with ``AGENT_OBS_COMPILE=0``, the same functions run eagerly (a compile
 failure warns once), on smaller chunks (``EAGER_SPLIT``): eager ops materialise fp32 temporaries.
 """
@@ -33,7 +34,7 @@ ROW_ENTROPY, ROW_NLL, ROW_CORRECT, ROW_FINITE = 0, 1, 2, 3
 NUM_ROW_STATS = 4  # then one top-k mass column per k, in the order of ``topk``
 BLOCK = 128  # logits per block: one block of fp32 is 8 AVX-512 registers / 4 warps' loads
 EAGER_SPLIT = 8  # eager mode keeps ~5 fp32 temporaries per row: it gets 1/8 of a chunk
-COMPILED_ROWS = 4  # the compiled kernels keep < V / 32 fp32 per row: 4 chunks per call stay in a chunk's memory
+COMPILED_ROWS = 4  # compiled kernels keep ~V / 32 fp32 per row (measured): 4 chunks per call use < 1/8 of a chunk
 _UNDERFLOW = -200.0  # exp(-200) == 0 in fp32: clamping differences there is exact and avoids 0 * -inf
 
 
@@ -154,7 +155,7 @@ class Fused:
             torch._dynamo.maybe_mark_dynamic(t, 0)
         try:
             return self._compiled(*args, **kwargs)
-        except Exception as exc:  # any compiler/toolchain failure falls back to eager
+        except Exception as exc:  # any compiler/toolchain failure; a genuine input error re-raises from eager
             self._failed = True
             warnings.warn(
                 f"agent_obs: torch.compile of {self.fn.__name__} failed ({type(exc).__name__}: {exc}); "
