@@ -112,7 +112,8 @@ class StatsAccumulator:
         dev = logits.device
         labels, classes, tool_slots = (None if t is None else t.to(dev) for t in (labels, classes, tool_slots))
         slots = tool_slots if self.num_tool_slots and classes is not None else None
-        step = rows_per_call(self.chunk_tokens or default_chunk_tokens(vocab), _fused_chunk_sums.compiling)
+        chunk = self.chunk_tokens or default_chunk_tokens(vocab)
+        step = rows_per_call(chunk, vocab, min(max(self.topk), vocab), _fused_chunk_sums.compiling)
         for start in range(0, n, step):
             sl = slice(start, min(n, start + step))
             x = logits[sl]

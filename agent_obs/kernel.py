@@ -33,8 +33,8 @@ import torch
 ROW_ENTROPY, ROW_NLL, ROW_CORRECT, ROW_FINITE = 0, 1, 2, 3
 NUM_ROW_STATS = 4  # then one top-k mass column per k, in the order of ``topk``
 BLOCK = 128  # logits per block: one block of fp32 is 8 AVX-512 registers / 4 warps' loads
-EAGER_SPLIT = 8  # eager mode keeps ~5 fp32 temporaries per row: it gets 1/8 of a chunk
-COMPILED_ROWS = 4  # compiled kernels keep ~V / 32 fp32 per row (measured): 4 chunks per call use < 1/8 of a chunk
+EAGER_SPLIT = 16  # eager ops keep ~6 fp32 temporaries of their rows (8 for half inputs): 1/16 of a chunk
+COMPILED_ROWS = 4  # at most 4 chunks of rows per compiled call (see rows_per_call)
 _UNDERFLOW = -200.0  # exp(-200) == 0 in fp32: clamping differences there is exact and avoids 0 * -inf
 
 
@@ -166,9 +166,17 @@ class Fused:
             return self.fn(*args, **kwargs)
 
 
-def rows_per_call(chunk_tokens: int, compiling: bool) -> int:
-    """Rows per kernel call that keep extra memory below ``chunk_tokens x V x 4`` bytes (fewer calls when compiled)."""
-    return chunk_tokens * COMPILED_ROWS if compiling else max(1, chunk_tokens // EAGER_SPLIT)
+def rows_per_call(chunk_tokens: int, vocab: int, kmax: int, compiling: bool) -> int:
+    """Rows per kernel call that keep extra memory below ``chunk_tokens x V x 4`` bytes.
+
+    Eager ops hold ~6 fp32 copies of their rows; the compiled kernels hold ~``8 V / BLOCK`` block
+    stats plus two copies of the ``min(kmax x BLOCK, V)`` top-k candidates per row, so a large
+    vocabulary gets up to ``COMPILED_ROWS`` chunks per call (fewer calls) and a small one less.
+    """
+    if not compiling:
+        return max(1, chunk_tokens // EAGER_SPLIT)
+    per_row = 2 * min(kmax * BLOCK, vocab) + 8 * (vocab // BLOCK + 1) + 64
+    return max(1, min(chunk_tokens * COMPILED_ROWS, chunk_tokens * vocab // per_row))
 
 
 fused_block_stats = Fused(block_stats)

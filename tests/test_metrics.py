@@ -237,3 +237,32 @@ def test_infinite_nll_in_one_class_does_not_poison_the_others(eager):
     logits[0, 3] = -math.inf
     got = _check(logits, torch.tensor([3, 1, 2, 3]), torch.tensor([1, 2, 2, 1]))
     assert got["reasoning_perplexity"] == 1e6 and got["tool_call_perplexity"] < 1e6
+
+
+def _peak_allocated_bytes(fn) -> int:
+    """Peak bytes held through torch's CPU allocator while ``fn`` runs (profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extra_memory_stays_below_one_fp32_chunk(monkeypatch, compiled, dtype):
+    monkeypatch.setenv("AGENT_OBS_COMPILE", "1" if compiled else "0")
+    logits, labels, classes = _compiled_batch(400, dtype, seed=5)
+    chunk = 32
+    compute_metrics(logits, labels, classes, chunk_tokens=chunk)  # compile outside the measurement
+    peak = _peak_allocated_bytes(lambda: compute_metrics(logits, labels, classes, chunk_tokens=chunk))
+    bound = chunk * COMPILED_VOCAB * 4 + 200 * logits.shape[0]  # chunk x V x 4 + O(tokens)
+    assert peak < bound, f"peak {peak} bytes >= {bound}"
+    assert peak < logits.numel() * 4 / 4  # far from a full fp32 copy of the logits
