@@ -41,6 +41,8 @@ class SideStreamEngine:
     chunks the producing stream waits on the oldest event (``wait_event``: device-side
     back-pressure, no host sync), after which freeing the tensors is safe for the caching allocator
     because every later kernel of that stream is ordered after the side stream's reads.
+    The side stream reads the logits while training goes on, so an in-place edit of the
+    projection's output by the model (rather than a new tensor) would race with it.
     """
 
     def __init__(self, acc: StatsAccumulator, device: torch.device, max_in_flight: int) -> None:

@@ -174,7 +174,10 @@ class Observer:
 
         ``labels``/``token_classes``/``tool_ids`` are ``[B, S]`` (or ``[S]``) aligned to the logits
         positions (``shift_labels=True`` at attach for unshifted labels). Only every
-        ``every_n_steps``-th block records; the others cost nothing.
+        ``every_n_steps``-th block records; the others cost nothing. No host sync on CUDA
+        except, by design, for ``tool_ids`` held on the GPU (mapped to slots on the host) and
+        ``rows="valid"`` with GPU labels (the valid rows are selected here); host targets are
+        copied through pinned memory. Label range checks run only for host labels.
         """
         if self._handle is None:
             raise RuntimeError("this observer is detached: call agent_obs.attach(model) again")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_observer import TinyDecoder, assert_same_metrics, make_batch
+from test_observer import RecordingExporter, TinyDecoder, assert_same_metrics, make_batch
 from test_observer_torchtune import VOCAB as QWEN_VOCAB
 from test_observer_torchtune import full_logits, tiny_qwen2
 
@@ -74,7 +74,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         batches = plain_batches_from_file(out_dir, rank)
         torch.manual_seed(0)
         model = TinyDecoder()
-        obs = attach(model, max_tools=MAX_TOOLS)
+        exporter = RecordingExporter()
+        obs = attach(model, max_tools=MAX_TOOLS, exporters=[exporter])  # exported on rank 0 only (the default)
         for tokens, labels, classes, tools in batches:
             with obs.observe(labels=labels, token_classes=classes, tool_ids=tools):
                 model(tokens)
@@ -94,7 +95,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         fsdp = obs.collect(split="train", step=1)
         sharded = all(isinstance(p, DTensor) for p in qwen.parameters())
         torch.save(
-            {"plain": dict(plain), "fsdp": dict(fsdp), "unknown_here": unknown_here, "sharded": sharded},
+            {
+                "plain": dict(plain),
+                "fsdp": dict(fsdp),
+                "unknown_here": unknown_here,
+                "sharded": sharded,
+                "exported": exporter.calls,
+            },
             Path(out_dir) / f"rank{rank}.pt",
         )
     finally:
@@ -134,6 +141,9 @@ def test_two_gloo_ranks_equal_single_process_over_the_union(tmp_path):
         )
     for result in results:
         assert_same_metrics(result["plain"], want)
+    assert [(step, split) for _, step, split in results[0]["exported"]] == [(1, "train")]
+    assert results[0]["exported"][0][0] == results[0]["plain"]
+    assert results[1]["exported"] == []
     assert want["tool_call.find_file_x_tokens"] == 2 * (4 + 9) * 2
     assert all(contract_id(n) == tool_id(n) for spans in TOOL_SPANS.values() for n in spans)
 
