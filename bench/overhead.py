@@ -110,10 +110,10 @@ def main() -> None:
     labels[:, : args.seq // 8] = -100  # a prompt that is not trained on
     classes = torch.randint(1, 4, labels.shape, generator=g)
 
-    def step(observe: bool) -> tuple[float, int]:
+    def step(observe: bool) -> tuple[float, float, int]:
         obs = agent_obs.attach(model) if observe else None
         with PeakRss() as mem:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             if obs is None:
                 loss = loss_fn(model(inputs), labels)
             else:
@@ -124,11 +124,11 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             if obs is not None:
                 assert obs.collect()["tokens"] > 0
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             del loss
         if obs is not None:
             obs.detach()
-        return elapsed, mem.peak
+        return elapsed, cpu, mem.peak
 
     print(f"CPU, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"load average at start: {os.getloadavg()}")
@@ -136,18 +136,19 @@ def main() -> None:
     for _ in range(args.warmup):
         step(False)
         step(True)
-    ratios, base_t, obs_t, base_m, obs_m = [], [], [], [], []
+    ratios, cpu_ratios, base_t, obs_t, base_m, obs_m = [], [], [], [], [], []
     for i in range(args.pairs):
         order = (False, True) if i % 2 == 0 else (True, False)
         got = {kind: step(kind) for kind in order}
-        (tb, mb), (to, mo) = got[False], got[True]
+        (tb, cb, mb), (to, co, mo) = got[False], got[True]
         ratios.append(to / tb)
+        cpu_ratios.append(co / cb)
         base_t.append(tb)
         obs_t.append(to)
         base_m.append(mb)
         obs_m.append(mo)
         print(
-            f"pair {i}: without {tb:.3f} s, with {to:.3f} s, ratio {to / tb:.4f}, "
+            f"pair {i}: without {tb:.3f} s, with {to:.3f} s, ratio {to / tb:.4f} (CPU time {co / cb:.4f}), "
             f"peak +{mb / 2**20:.0f} / +{mo / 2**20:.0f} MiB"
         )
     q = statistics.quantiles(ratios, n=4)
@@ -156,6 +157,11 @@ def main() -> None:
         f"median step: without {statistics.median(base_t):.3f} s, with {statistics.median(obs_t):.3f} s; "
         f"median ratio {statistics.median(ratios):.4f} (min {min(ratios):.4f}, IQR {q[0]:.4f}-{q[2]:.4f}, "
         f"max {max(ratios):.4f}) over {args.pairs} pairs"
+    )
+    cq = statistics.quantiles(cpu_ratios, n=4)
+    print(
+        f"median process-CPU-time ratio {statistics.median(cpu_ratios):.4f} (IQR {cq[0]:.4f}-{cq[2]:.4f}): "
+        "less sensitive than wall time to other jobs on a shared machine"
     )
     stats_s = statistics_only(model, inputs, labels, classes)
     print(
