@@ -14,6 +14,7 @@ import torch
 
 from agent_obs.kernel import (
     NUM_ROW_STATS,
+    PASS2_OPTIONS,
     ROW_CORRECT,
     ROW_ENTROPY,
     ROW_FINITE,
@@ -190,7 +191,7 @@ def chunk_sums(
     return torch.nn.functional.pad(sums, (0, 0, 0, pad))
 
 
-_fused_chunk_sums = Fused(chunk_sums)
+_fused_chunk_sums = Fused(chunk_sums, options=PASS2_OPTIONS)
 
 
 def metrics_from_sums(sums: torch.Tensor, topk: tuple[int, ...], tool_names: dict[int, str]) -> Metrics:

@@ -35,6 +35,9 @@ NUM_ROW_STATS = 4  # then one top-k mass column per k, in the order of ``topk``
 BLOCK = 128  # logits per block: one block of fp32 is 8 AVX-512 registers / 4 warps' loads
 EAGER_SPLIT = 16  # eager ops keep ~6 fp32 temporaries of their rows (8 for half inputs): 1/16 of a chunk
 COMPILED_ROWS = 4  # at most 4 chunks of rows per compiled call (see rows_per_call)
+# Pass 2 is ~5% of the work but ~10 OpenMP barriers per call; on a busy CPU each barrier can wait out a
+# scheduler slice (measured: 45-110 ms per 2048 rows with 2 threads vs 13-19 ms with 1), so its C++ runs serially.
+PASS2_OPTIONS = {"cpp.threads": 1}
 _UNDERFLOW = -200.0  # exp(-200) == 0 in fp32: clamping differences there is exact and avoids 0 * -inf
 
 
@@ -136,9 +139,9 @@ class Fused:
     once and stays eager.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], *, options: dict | None = None) -> None:
         self.fn = fn
-        self._compiled = torch.compile(fn, dynamic=False)
+        self._compiled = torch.compile(fn, dynamic=False, options=options)
         self._failed = False
         functools.update_wrapper(self, fn)
 
@@ -180,7 +183,7 @@ def rows_per_call(chunk_tokens: int, vocab: int, kmax: int, compiling: bool) -> 
 
 
 fused_block_stats = Fused(block_stats)
-_fused_finish = Fused(finish_row_stats)
+_fused_finish = Fused(finish_row_stats, options=PASS2_OPTIONS)
 
 
 def row_stats(logits: torch.Tensor, labels: torch.Tensor | None, topk: tuple[int, ...]) -> torch.Tensor:
