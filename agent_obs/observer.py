@@ -250,7 +250,7 @@ class Observer:
         targets = {"labels": labels, "token_classes": classes, "tool_slots": slots}
         if self.rows == "valid":
             keep = labels != self.ignore_index  # a host sync when labels are on a GPU (documented)
-            targets = {k: None if t is None else t[keep] for k, t in targets.items()}
+            targets = {k: None if t is None else to_device(t, keep.device)[keep] for k, t in targets.items()}
         device = self._model_device()
         return {k: None if t is None else to_device(t, device) for k, t in targets.items()}
 

@@ -77,3 +77,22 @@ def test_training_step_has_no_host_sync_and_frees_the_logits():
     metrics = obs.collect()
     assert metrics["tokens"] == 2 * int(((labels != -100) & (classes != 0)).sum())
     assert metrics["tool_call.bash_tokens"] == metrics["tool_call_tokens"]
+
+
+def test_valid_rows_with_gpu_targets_and_tool_ids():
+    torch.manual_seed(0)
+    model = TinyDecoder().to(CUDA)
+    tokens, labels, classes = make_batch(2, 14, seed=3)
+    tools = torch.where(classes == 2, tool_id("bash"), -1)
+    obs = attach(model, rows="valid")
+    valid = (labels.reshape(-1) != -100).nonzero().squeeze(-1).to(CUDA)
+    with obs.observe(labels=labels.to(CUDA), token_classes=classes.to(CUDA), tool_ids=tools.to(CUDA)):
+        h = model.hidden(tokens.to(CUDA)).reshape(-1, model.lm_head.in_features)
+        for rows in h.index_select(0, valid).tensor_split(3):
+            model.lm_head(rows)
+    with torch.no_grad():
+        full = model(tokens.to(CUDA)).cpu()
+    got = obs.collect()
+    want = compute_metrics(full, labels, classes)
+    assert_same_metrics({k: v for k, v in got.items() if "." not in k}, want)
+    assert got["tool_call.bash_tokens"] == want["tool_call_tokens"]
