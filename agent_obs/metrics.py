@@ -35,9 +35,8 @@ def check_inputs(
                 f"label {value} is outside [0, {vocab}) and is not ignore_index={ignore_index}: "
                 "mask padding with ignore_index or check that the tokenizer matches the model's vocabulary"
             )
-    if token_classes is not None and token_classes.numel():
-        if bool(((token_classes < 0) | (token_classes > 3)).any()):
-            raise ValueError("token_classes must hold TokenClass values 0..3 (IGNORE, REASONING, TOOL_CALL, CONTEXT)")
+    if token_classes is not None and bool(((token_classes < 0) | (token_classes > 3)).any()):
+        raise ValueError("token_classes must hold TokenClass values 0..3 (IGNORE, REASONING, TOOL_CALL, CONTEXT)")
 
 
 def compute_metrics(

@@ -31,3 +31,22 @@ def bpe_tokenizer_files(tmp_path_factory, trajectories):
 
     texts = (m["content"] for convs in trajectories.values() for conv in convs for m in conv)
     return build_bpe_tokenizer(texts, tmp_path_factory.mktemp("bpe_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tokenizers_bpe(bpe_tokenizer_files):
+    """The demo-style BPE as a Hugging Face ``tokenizers.Tokenizer``."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(bpe_tokenizer_files.tokenizer_json))
+
+
+@pytest.fixture(scope="session")
+def torchtune_bpe(bpe_tokenizer_files):
+    """The same BPE loaded by torchtune's Qwen2.5 tokenizer."""
+    from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+
+    f = bpe_tokenizer_files
+    return qwen2_5_tokenizer(
+        path=str(f.vocab_json), merges_file=str(f.merges_txt), special_tokens_path=str(f.tokenizer_json)
+    )

@@ -12,24 +12,10 @@ from agent_obs.integrations.torchtune.assets import QWEN2_5_SPECIAL_TOKENS, buil
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models
-from torchtune.models.qwen2_5 import qwen2_5_tokenizer
 from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS as TORCHTUNE_QWEN2_5_SPECIALS
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from agent_obs import token_offsets
-
-
-@pytest.fixture(scope="module")
-def tokenizers_bpe(bpe_tokenizer_files) -> Tokenizer:
-    return Tokenizer.from_file(str(bpe_tokenizer_files.tokenizer_json))
-
-
-@pytest.fixture(scope="module")
-def torchtune_bpe(bpe_tokenizer_files):
-    f = bpe_tokenizer_files
-    return qwen2_5_tokenizer(
-        path=str(f.vocab_json), merges_file=str(f.merges_txt), special_tokens_path=str(f.tokenizer_json)
-    )
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer
-from torchtune.models.qwen2_5 import qwen2_5_tokenizer
 
 from agent_obs import TokenClass, classify_tokens, find_tool_calls, token_offsets, token_tool_ids, tool_id
 from agent_obs.tools import NO_TOOL
@@ -18,19 +17,6 @@ DECLARED = re.compile(r"---- BEGIN FUNCTION #\d+: (\S+) ----")
 FILES = sorted(
     p.name for p in (Path(__file__).resolve().parents[1].parent / "shared/data/trajectories").glob("*.jsonl")
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizers_bpe(bpe_tokenizer_files) -> Tokenizer:
-    return Tokenizer.from_file(str(bpe_tokenizer_files.tokenizer_json))
-
-
-@pytest.fixture(scope="module")
-def torchtune_bpe(bpe_tokenizer_files):
-    f = bpe_tokenizer_files
-    return qwen2_5_tokenizer(
-        path=str(f.vocab_json), merges_file=str(f.merges_txt), special_tokens_path=str(f.tokenizer_json)
-    )
 
 
 def check_assistant_turn(text: str, tok: Tokenizer, tt) -> str:
