@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Real-server tests need Prometheus/promtool; install Debian's package when root and missing.
+# Real-server tests need prometheus, promtool and the Pushgateway: Debian packages, installed when root.
 prometheus:
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v prometheus-pushgateway >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
