@@ -8,6 +8,7 @@ a tiny random-init Qwen2 checkpoint. The run uses ``recipes/configs/agent_sft_ti
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import importlib.util
 import json
 import math
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from agent_obs.integrations.torchtune.checkpoint import TinyQwen2Config, build_tiny_qwen2_checkpoint
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "agent_obs" / "data"
+DATA_DIR = Path(str(importlib.resources.files("agent_obs.data")))  # the package's own sample trajectories
 VOCAB_SIZE = 2048
 CONFIG_NAME = "agent_sft_tiny_cpu"
 TABLE_STATS = (
