@@ -14,16 +14,15 @@ import sys
 import warnings
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
+import transformers
 from agent_obs.integrations.transformers import AgentChatCollator, AgentObsCallback, encode_conversation
 
 from agent_obs import TokenClass, compute_metrics, tool_id
 from agent_obs.exporters.jsonl import JsonlExporter
 from agent_obs.keys import parse_key
-
-transformers = pytest.importorskip("transformers")
-datasets = pytest.importorskip("datasets")
 
 # Qwen2.5's chat template for plain messages: a default system prompt, tool results wrapped in <tool_response>.
 QWEN_TEMPLATE = (
@@ -306,7 +305,8 @@ def test_collator_errors_name_the_fix(tok, samples, bpe_tokenizer_files):
 
 
 # ---- Trainer --------------------------------------------------------------------------------------
-def train_args(out: Path, **overrides):
+def train_args(out: Path, args_class=None, **overrides):
+    """CPU ``TrainingArguments`` (or a subclass such as TRL's ``SFTConfig``) for a few quick steps."""
     base = dict(
         output_dir=str(out),
         per_device_train_batch_size=2,
@@ -325,7 +325,7 @@ def train_args(out: Path, **overrides):
         seed=0,
     )
     base.update(overrides)
-    return transformers.TrainingArguments(**base)
+    return (args_class or transformers.TrainingArguments)(**base)
 
 
 def test_trainer_logs_equal_float64_reference_with_grad_accumulation(tok, samples, tmp_path):

@@ -6,8 +6,10 @@ the logits in float64 from the hidden states and the ``lm_head`` weight of the s
 
 from __future__ import annotations
 
+import datasets
 import pytest
 import torch
+import trl
 from test_transformers import (
     TOOLS,
     AgentChatCollator,
@@ -18,10 +20,8 @@ from test_transformers import (
     make_tokenizer,
     reference_metrics,
     shifted_rows,
+    train_args,
 )
-
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
 
 
 class HiddenRecorder:
@@ -59,25 +59,10 @@ class HiddenRecorder:
 
 
 def sft_config(out, **overrides):
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=2,
-        per_device_eval_batch_size=3,
-        gradient_accumulation_steps=2,
-        max_steps=2,
-        logging_steps=1,
-        eval_strategy="steps",
-        eval_steps=2,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        bf16=False,
-        seed=0,
-    )
+    """``train_args`` as TRL's ``SFTConfig``: 2 steps, logging every step, no bf16."""
+    base = dict(max_steps=2, logging_steps=1, bf16=False, remove_unused_columns=True)
     base.update(overrides)
-    return trl.SFTConfig(**base)
+    return train_args(out, trl.SFTConfig, **base)
 
 
 def test_sft_trainer_with_agent_collator_equals_float64_reference(bpe_tokenizer_files, trajectories, tmp_path):
