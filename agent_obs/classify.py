@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from agent_obs.offsets import check_offsets_order
 from agent_obs.token_class import TokenClass
 from agent_obs.tools import NO_TOOL, tool_id
 
@@ -194,6 +195,7 @@ def classify_tokens(
     """
     offsets = [(int(s), int(e)) for s, e in offsets]
     _check_offsets(offsets, len(text))
+    check_offsets_order(offsets)
     if spans is None:
         spans = find_tool_spans(text, fmt, strict=strict)
     hits = _overlap_index(offsets, _merged(spans))

@@ -3,8 +3,8 @@
 Each rank assigns tool slots in the order it meets tool ids, so slot ``i`` means different
 tools on different ranks. ``reduce_sums`` gathers every rank's slot table (one
 ``all_gather_object``), picks the same global slot layout on every rank (the ``max_tools``
-tools with most tokens, the rest as ``other``), moves each rank's rows there and sums the
-whole state with one ``all_reduce``.
+tools a ``ToolSelector`` keeps, the rest as ``OVERFLOW_TOOL``), moves each rank's rows there
+and sums the whole state with one ``all_reduce``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,56 @@ from agent_obs.accumulator import COL_TOKENS
 from agent_obs.keys import CLASS_GROUPS
 from agent_obs.tools import tool_name
 
-OTHER = "other"
+# Sanitized tool names never start with "_" (sanitize_tool_name strips it): no real tool can take this name.
+OVERFLOW_TOOL = "_other"
+DEFAULT_WINDOW = 10  # collects: the half-life of a tool's token score
+SWAP_MARGIN = 2.0  # a challenger replaces a kept tool only with more than twice its score
+
+
+class ToolSelector:
+    """Which tools keep their own keys across collects: at most ``max_tools``, stable under churn.
+
+    Each tool's score is its token count over the recent collects, exponentially weighted (half-life
+    ``window`` collects). Free places go to the best-scoring tools at once; once all are taken, a
+    challenger replaces the lowest-scoring kept tool only when its score is more than ``SWAP_MARGIN``
+    times as high, so tools do not flap at the boundary. Deterministic in its inputs, so every rank
+    that feeds it the same all-gathered counts keeps the same tools.
+    """
+
+    def __init__(self, max_tools: int, window: float = DEFAULT_WINDOW) -> None:
+        if max_tools < 0 or window <= 0:
+            raise ValueError(f"need max_tools >= 0 and window > 0, got {max_tools} and {window}")
+        self.max_tools = max_tools
+        self.decay = 0.5 ** (1.0 / window)
+        self.scores: dict[int, float] = {}
+        self.kept: list[int] = []  # tool ids, in the order they were admitted
+
+    def update(self, tokens: dict[int, float]) -> list[int]:
+        """Add one collect's token counts per tool id; return the kept tool ids."""
+        for tid in self.scores:
+            self.scores[tid] *= self.decay
+        for tid, tok in tokens.items():
+            if tok > 0:
+                self.scores[tid] = self.scores.get(tid, 0.0) + tok
+        self._forget()
+        rank = sorted((t for t in self.scores if t not in self.kept), key=lambda t: (-self.scores[t], t))
+        for tid in rank:
+            if len(self.kept) < self.max_tools:
+                self.kept.append(tid)
+                continue
+            weakest = min(self.kept, key=lambda t: (self.scores.get(t, 0.0), -t))
+            if self.scores[tid] <= SWAP_MARGIN * self.scores.get(weakest, 0.0):
+                break  # candidates are in falling score order: no later one can win either
+            self.kept[self.kept.index(weakest)] = tid
+        return list(self.kept)
+
+    def _forget(self) -> None:
+        """Bound memory: keep the scores of the kept tools and of the best ``4 * max_tools + 64`` others."""
+        limit = 4 * self.max_tools + 64
+        if len(self.scores) > limit + len(self.kept):
+            others = sorted((t for t in self.scores if t not in self.kept), key=lambda t: -self.scores[t])
+            for tid in others[limit:]:
+                del self.scores[tid]
 
 
 def is_distributed() -> bool:
@@ -32,13 +81,17 @@ def rank() -> int:
 
 
 def reduce_sums(
-    sums: torch.Tensor, slot_tools: list[tuple[int, str | None]], max_tools: int
+    sums: torch.Tensor,
+    slot_tools: list[tuple[int, str | None]],
+    max_tools: int,
+    selector: ToolSelector | None = None,
 ) -> tuple[torch.Tensor, dict[int, str]]:
     """Global ``[3 + kept tools + 1, columns]`` sums and ``{tool slot: name}`` from this rank's sums.
 
     ``sums`` rows are the class groups, then the local tool slots: ``slot_tools[i] = (tool id,
-    name or None if unknown here)`` for slot ``i``; the last row is the local ``other`` slot.
-    Collective when distributed: every rank must call it.
+    name or None if unknown here)`` for slot ``i``; the last row is the local overflow slot.
+    ``selector`` (kept across collects) picks the tools; without one, this collect's top
+    ``max_tools`` by tokens. Collective when distributed: every rank must call it.
     """
     n_cls = len(CLASS_GROUPS)
     local_tokens = sums[n_cls : n_cls + len(slot_tools), COL_TOKENS].tolist()
@@ -50,8 +103,8 @@ def reduce_sums(
             tokens[tid] += tok
             if name is not None:
                 names.setdefault(tid, name)
-    ranked = sorted((t for t in tokens if tokens[t] > 0), key=lambda t: (-tokens[t], names.get(t, ""), t))
-    kept = ranked[:max_tools]
+    selector = selector or ToolSelector(max_tools)
+    kept = [tid for tid in selector.update(dict(tokens)) if tokens[tid] > 0]
     other = len(kept)
     target = {tid: i for i, tid in enumerate(kept)}
     out = sums.new_zeros(n_cls + other + 1, sums.shape[1])
@@ -61,7 +114,7 @@ def reduce_sums(
     out[n_cls:].index_add_(0, torch.tensor(rows, dtype=torch.long, device=sums.device), sums[n_cls:])
     out = _all_reduce(out)
     tool_names = {i: names.get(tid) or tool_name(tid) for tid, i in target.items()}
-    tool_names[other] = OTHER
+    tool_names[other] = OVERFLOW_TOOL
     return out, tool_names
 
 

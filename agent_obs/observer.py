@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from agent_obs.accumulator import DEFAULT_TOPK, Metrics, StatsAccumulator, metrics_from_sums
-from agent_obs.distributed import rank, reduce_sums
+from agent_obs.distributed import ToolSelector, rank, reduce_sums
 from agent_obs.engine import Engine, make_engine
-from agent_obs.exporters.base import Exporter, close_all, export_all
+from agent_obs.exporters.base import Exporter, close_all, export_all, limit_tools
 from agent_obs.keys import NONFINITE
 from agent_obs.metrics import check_inputs
 from agent_obs.projection import Projection, find_projection
@@ -148,6 +148,8 @@ class Observer:
         self.rows = rows
         self.ignore_index = ignore_index
         self.max_tools = max_tools
+        self._tools = ToolSelector(max_tools)  # which tools keep their own keys, stable across collects
+        limit_tools(self.exporters, max_tools)  # exporters drop series of tools it stops keeping
         self.side_stream = side_stream
         self.max_in_flight = max_in_flight
         self.blocks_seen = 0
@@ -310,7 +312,7 @@ class Observer:
         known = known_tools()
         slot_tools = [(tid, known.get(tid)) for tid in self._slots]
         self._slots = {}
-        sums, tool_names = reduce_sums(sums, slot_tools, self.max_tools)
+        sums, tool_names = reduce_sums(sums, slot_tools, self.max_tools, self._tools)
         metrics = metrics_from_sums(sums.cpu(), self.topk, tool_names)
         observed = metrics.get("tokens", 0.0) + metrics[NONFINITE] > 0
         if observed and (rank() == 0 or not self.rank0_only_export):

@@ -218,3 +218,24 @@ def token_offsets(token_ids: Iterable[int], tokenizer) -> list[Span]:
         "Qwen2/Qwen2.5 tokenizer, a tokenizers.Tokenizer or a transformers fast tokenizer (byte-level BPE), or "
         "compute offsets with return_offsets_mapping=True and pass them to classify_tokens"
     )
+
+
+def check_offsets_order(offsets: Sequence[Span]) -> None:
+    """Raise ValueError unless the non-empty spans run forward through the text, in token order.
+
+    O(tokens), with ``classify_tokens``'s range check it catches offsets computed from another string
+    in the common cases: each non-empty span starts no earlier than the previous one and overlaps it by
+    at most one character (a multi-byte character split over byte-level tokens). Empty spans (special
+    tokens, ``(0, 0)``) are skipped.
+    """
+    prev: Span | None = None
+    for i, (s, e) in enumerate(offsets):
+        if e <= s:
+            continue
+        if prev is not None and (s < prev[0] or s < prev[1] - 1):
+            raise ValueError(
+                f"offsets[{i}] = ({s}, {e}) goes back over offsets of an earlier token {prev}: token spans must run "
+                "forward through the text in token order; were they computed on another string (NFC-normalize the text "
+                "before tokenizing and classifying, as the tokenizers do)?"
+            )
+        prev = (s, e)

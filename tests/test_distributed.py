@@ -133,7 +133,7 @@ def test_two_gloo_ranks_equal_single_process_over_the_union(tmp_path):
                 rows["tool"].append(tools.reshape(-1))
     logits, labels, classes, tools = (torch.cat(v) for v in rows.values())
     want = dict(compute_metrics(logits, labels, classes))
-    for key, members in (("bash", ["bash"]), ("find_file_x", ["find_file_x"]), ("other", ["str_replace_editor"])):
+    for key, members in (("bash", ["bash"]), ("find_file_x", ["find_file_x"]), ("_other", ["str_replace_editor"])):
         keep = torch.isin(tools, torch.tensor([contract_id(n) for n in members])) & (classes == TokenClass.TOOL_CALL)
         sub = compute_metrics(logits, labels, torch.where(keep, classes, TokenClass.IGNORE))
         want.update(
@@ -168,4 +168,4 @@ def test_single_process_reduce_is_a_plain_sum(max_tools):
     out, names = reduce_sums(sums, [(11, "a")] if max_tools else [], max_tools)
     assert torch.equal(out[:3], sums[:3])
     assert out[3:].sum() == sums[3:].sum()
-    assert names == ({0: "a", 1: "other"} if max_tools else {0: "other"})
+    assert names == ({0: "a", 1: "_other"} if max_tools else {0: "_other"})

@@ -248,7 +248,7 @@ def test_tool_breakdown_caps_distinct_names_and_matches_subsets(model):
     for key_name, members in (
         ("bash", ["bash"]),
         ("str_replace_editor", ["str_replace_editor"]),
-        ("other", ["submit"]),
+        ("_other", ["submit"]),
     ):
         want = subset(members)
         for stat in ("entropy", "perplexity", "accuracy", "top1_prob", "top10_prob", "tokens"):

@@ -15,7 +15,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models
 from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS as TORCHTUNE_QWEN2_5_SPECIALS
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from agent_obs import token_offsets
+from agent_obs import classify_tokens, token_offsets
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +178,28 @@ def test_build_is_deterministic_and_validates_vocab_size(tmp_path, trajectories)
     assert len(json.loads(a.vocab_json.read_text())) == 600
     with pytest.raises(ValueError, match=r"vocab_size >= 278"):
         build_bpe_tokenizer(texts, tmp_path / "c", vocab_size=100)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=TEXTS)
+def test_classify_tokens_accepts_real_offsets_split_characters_and_special_tokens(text, tokenizers_bpe, hf_fast):
+    text = unicodedata.normalize("NFC", text)  # the tokenizers normalize; offsets index the normalized text
+    ids = tokenizers_bpe.encode(text).ids
+    assert len(classify_tokens(text, token_offsets(ids, tokenizers_bpe))) == len(ids)
+    enc = hf_fast(text, return_offsets_mapping=True)  # HF alignment: overlaps on split characters, (0, 0) specials
+    offsets = [(0, 0), *enc["offset_mapping"], (0, 0)]
+    assert len(classify_tokens(text, offsets)) == len(ids) + 2
+
+
+def test_offsets_of_another_string_are_rejected_with_the_fix(trajectories, tokenizers_bpe):
+    """Offsets of several messages passed with one message's text: all in range, so accepted before."""
+    contents = [m["content"] for conv in next(iter(trajectories.values())) for m in conv if m["role"] == "assistant"]
+    first, second = sorted(contents[:2], key=len, reverse=True)
+    offsets = [*token_offsets(tokenizers_bpe.encode(first).ids, tokenizers_bpe)]
+    offsets += token_offsets(tokenizers_bpe.encode(second).ids, tokenizers_bpe)
+    assert max(e for _, e in offsets) <= len(first)  # the range check alone cannot tell
+    with pytest.raises(ValueError, match=r"goes back over .*NFC-normalize"):
+        classify_tokens(first, offsets)
+    with pytest.raises(ValueError, match="goes back over"):
+        classify_tokens("abcdef", [(0, 2), (2, 4), (1, 3)])  # overlaps 1 character into a previous token
+    assert classify_tokens("abcdef", [(0, 2), (1, 4), (4, 4), (4, 6)])  # one shared character is a split char

@@ -106,4 +106,12 @@ def close_all(exporters: Iterable[Exporter], *, reporter: FaultReporter | None =
         reporter.call("close", exporter.close, source=type(exporter).__name__)
 
 
+def limit_tools(exporters: Iterable[Exporter], max_tools: int) -> None:
+    """Tell exporters that hold per-tool series (``set_max_tools``) how many tools ``attach`` keeps."""
+    for exporter in exporters:
+        set_max_tools = getattr(exporter, "set_max_tools", None)
+        if callable(set_max_tools):
+            set_max_tools(max_tools)
+
+
 _SHARED_REPORTER = FaultReporter("exporters")

@@ -1,22 +1,26 @@
 """``OTelExporter``: the metrics as OpenTelemetry gauges, counters and a histogram, sent over OTLP/HTTP.
 
-``export()`` only records into the SDK's in-memory aggregation (microseconds). The default
-``PeriodicExportingMetricReader`` sends from its own thread every interval, so the queue
-is bounded by construction (one aggregated state, no backlog) and a slow or dead
-collector never blocks ``collect()``.
+``export()`` only updates the in-memory ``SeriesState`` (microseconds); the reader turns it
+into points at each collection. The default ``PeriodicExportingMetricReader`` sends from its
+own thread every interval, so the queue is bounded by construction (one state, no backlog)
+and a slow or dead collector never blocks ``collect()``; ``force_flush`` and ``close`` wait
+at most their timeouts.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
-import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
+    Gauge,
     Histogram,
     HistogramDataPoint,
     Metric,
@@ -24,24 +28,21 @@ from opentelemetry.sdk.metrics.export import (
     MetricExportResult,
     MetricReader,
     MetricsData,
+    NumberDataPoint,
     PeriodicExportingMetricReader,
     ResourceMetrics,
     ScopeMetrics,
+    Sum,
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from agent_obs.exporters.base import FaultReporter
-from agent_obs.exporters.families import (
-    ALL_FAMILIES,
-    HISTOGRAM_FAMILY,
-    LAST_COLLECT_FAMILY,
-    STEP_FAMILY,
-    Family,
-    metric_samples,
-)
+from agent_obs.exporters.families import ALL_FAMILIES, HISTOGRAM_FAMILY, Family
+from agent_obs.exporters.state import DEFAULT_MAX_TOOLS, SeriesState, Snapshot, record_export
 
 SCOPE = "agent_obs"
+T = TypeVar("T")
 
 
 class _SdkLogCapture(logging.Filter):
@@ -81,6 +82,7 @@ class _ReportingExporter(MetricExporter):
         )
         self.inner = inner
         self.reporter = reporter
+        self.successes = 0  # exports the collector accepted
         _install_capture(type(inner).__module__)
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> MetricExportResult:
@@ -93,7 +95,9 @@ class _ReportingExporter(MetricExporter):
             local.messages.append(f"{type(error).__name__}: {error}")
         finally:
             local.active = False
-        if result != MetricExportResult.SUCCESS:
+        if result == MetricExportResult.SUCCESS:
+            self.successes += 1
+        else:
             endpoint = getattr(self.inner, "_endpoint", type(self.inner).__name__)
             reasons = local.messages[:1] + local.messages[-1:] if len(local.messages) > 1 else local.messages
             self.reporter.report("otlp", f"export to {endpoint} failed: {' / '.join(reasons) or 'no reason given'}")
@@ -106,79 +110,91 @@ class _ReportingExporter(MetricExporter):
         self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
-class _HistogramState:
-    """Cumulative per-bucket entropy counts per (split, token_class), as OTel histogram points.
-
-    The SDK's Histogram instrument takes one value per ``record()``; the accumulator gives
-    pre-aggregated bucket counts, so the points are added to each collection of the reader.
-    """
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.start_ns = time.time_ns()
-        self.points: dict[tuple[str, str], tuple[tuple[float, ...], list[float], float]] = {}
-
-    def add(self, split: str, histograms: Mapping) -> None:
-        with self.lock:
-            for cls, hist in histograms.items():
-                edges, counts, total = self.points.get((split, cls), (tuple(hist.edges), [0.0] * len(hist.counts), 0.0))
-                if edges != tuple(hist.edges) or len(counts) != len(hist.counts):
-                    raise ValueError(f"histogram edges changed for split={split!r} class={cls!r}")
-                counts = [a + b for a, b in zip(counts, hist.counts, strict=True)]
-                self.points[(split, cls)] = (edges, counts, total + hist.total)
-
-    def metric(self) -> Metric | None:
-        with self.lock:
-            items = sorted(self.points.items())
-        if not items:
-            return None
-        now = time.time_ns()
-        points = []
-        for (split, cls), (edges, counts, total) in items:
+def otel_metrics(snap: Snapshot, start_ns: int, now_ns: int) -> list[Metric]:
+    """The state as OTel metrics: gauges, cumulative monotonic sums and the entropy histogram."""
+    points: dict[Family, list[NumberDataPoint]] = {}
+    for split, values in snap.gauges.items():
+        for (fam, labels), value in values.items():
+            attrs = {"split": split, **_attributes(fam, labels)}
+            points.setdefault(fam, []).append(NumberDataPoint(attrs, start_ns, now_ns, value))
+    for (split, (fam, labels)), value in snap.counters.items():
+        attrs = {"split": split, **_attributes(fam, labels)}
+        points.setdefault(fam, []).append(NumberDataPoint(attrs, start_ns, now_ns, value))
+    out = []
+    for fam in ALL_FAMILIES:
+        if fam in points:
+            if fam.kind == "counter":
+                data = Sum(points[fam], AggregationTemporality.CUMULATIVE, is_monotonic=True)
+            else:
+                data = Gauge(points[fam])
+            out.append(Metric(name=fam.otel_name, description=fam.help, unit=fam.unit, data=data))
+    if snap.hists:
+        hist_points = []
+        for (split, cls), (counts, total) in sorted(snap.hists.items()):
             ints = [round(c) for c in counts]
-            points.append(
+            hist_points.append(
                 HistogramDataPoint(
                     attributes={"split": split, "token_class": cls},
-                    start_time_unix_nano=self.start_ns,
-                    time_unix_nano=now,
+                    start_time_unix_nano=start_ns,
+                    time_unix_nano=now_ns,
                     count=sum(ints),
                     sum=total,
                     bucket_counts=ints,
-                    explicit_bounds=list(edges),
+                    explicit_bounds=list(snap.edges),
                     min=None,
                     max=None,
                 )
             )
         fam = HISTOGRAM_FAMILY
-        data = Histogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE)
-        return Metric(name=fam.otel_name, description=fam.help, unit=fam.unit, data=data)
+        data = Histogram(data_points=hist_points, aggregation_temporality=AggregationTemporality.CUMULATIVE)
+        out.append(Metric(name=fam.otel_name, description=fam.help, unit=fam.unit, data=data))
+    return out
 
-    def add_to(self, data: MetricsData | None, resource: Resource) -> MetricsData | None:
-        """``data`` with the histogram metric appended to the agent_obs scope (created if absent)."""
-        metric = self.metric()
-        if metric is None:
-            return data
-        resource_metrics = list(data.resource_metrics) if data is not None else []
-        for i, rm in enumerate(resource_metrics):
-            for j, sm in enumerate(rm.scope_metrics):
-                if sm.scope.name == SCOPE:
-                    scopes = list(rm.scope_metrics)
-                    scopes[j] = ScopeMetrics(sm.scope, [*sm.metrics, metric], sm.schema_url)
-                    resource_metrics[i] = ResourceMetrics(rm.resource, scopes, rm.schema_url)
-                    return MetricsData(resource_metrics)
-        scope = ScopeMetrics(InstrumentationScope(SCOPE), [metric], "")
-        resource_metrics.append(ResourceMetrics(resource, [scope], ""))
-        return MetricsData(resource_metrics)
+
+def _with_scope(data: MetricsData | None, metrics: list[Metric], resource: Resource) -> MetricsData | None:
+    """``data`` with ``metrics`` added to the agent_obs scope (created if absent)."""
+    if not metrics:
+        return data
+    resource_metrics = list(data.resource_metrics) if data is not None else []
+    for i, rm in enumerate(resource_metrics):
+        for j, sm in enumerate(rm.scope_metrics):
+            if sm.scope.name == SCOPE:
+                scopes = list(rm.scope_metrics)
+                scopes[j] = ScopeMetrics(sm.scope, [*sm.metrics, *metrics], sm.schema_url)
+                resource_metrics[i] = ResourceMetrics(rm.resource, scopes, rm.schema_url)
+                return MetricsData(resource_metrics)
+    scope = ScopeMetrics(InstrumentationScope(SCOPE), metrics, "")
+    resource_metrics.append(ResourceMetrics(resource, [scope], ""))
+    return MetricsData(resource_metrics)
+
+
+def _within(fn: Callable[[], T], timeout_s: float) -> tuple[bool, T | None]:
+    """Run ``fn`` on a daemon thread for at most ``timeout_s``: (finished, result or None).
+
+    The SDK's flush and shutdown retry on their own clocks; the caller's wait is what is bounded
+    (an unfinished call goes on in the background and its late result is dropped).
+    """
+    box: list = []
+    thread = threading.Thread(target=lambda: box.append(fn()), name="agent-obs-otel-wait", daemon=True)
+    thread.start()
+    thread.join(max(0.0, timeout_s))
+    return (True, box[0]) if box else (False, None)
+
+
+DEFAULT_CLOSE_TIMEOUT_S = 5.0  # the longest close() (and the exit hook) waits for the final export
+DEFAULT_FLUSH_TIMEOUT_S = 10.0
 
 
 class OTelExporter:
-    """Records every collected metric on a MeterProvider; exports via OTLP/HTTP or a reader you pass.
+    """Sends every collected metric as OpenTelemetry metrics via OTLP/HTTP, or to a reader you pass.
 
     Without ``reader``, an ``OTLPMetricExporter`` (which honours the ``OTEL_EXPORTER_OTLP_*``
     variables; ``endpoint`` overrides them) is driven by a ``PeriodicExportingMetricReader``
     every ``export_interval_s`` (default: ``OTEL_METRIC_EXPORT_INTERVAL`` or 60 s). The
     resource carries ``service.name`` and ``run``; points carry ``split``, ``token_class``,
-    ``k`` and ``tool`` attributes.
+    ``k`` and ``tool`` attributes. The points come from the same capped state as Prometheus
+    (``SeriesState``): at most ``max_tools`` + 1 ``tool`` values, evicted tools' points gone.
+    ``close()`` returns within ``close_timeout_s``, also when run at interpreter exit.
     """
 
     def __init__(
@@ -192,78 +208,84 @@ class OTelExporter:
         export_timeout_s: float | None = None,
         resource_attributes: Mapping[str, str] | None = None,
         report_interval_s: float = 300.0,
+        max_tools: int = DEFAULT_MAX_TOOLS,
+        close_timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S,
     ) -> None:
         self._reporter = FaultReporter("otel", interval_s=report_interval_s)
         self.resource = Resource.create({**(resource_attributes or {}), "service.name": service_name, "run": run})
+        self._sender: _ReportingExporter | None = None
         if reader is None:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
             otlp = OTLPMetricExporter(endpoint=endpoint, timeout=export_timeout_s)
+            self._sender = _ReportingExporter(otlp, self._reporter)
             reader = PeriodicExportingMetricReader(
-                _ReportingExporter(otlp, self._reporter),
+                self._sender,
                 export_interval_millis=None if export_interval_s is None else export_interval_s * 1000,
                 export_timeout_millis=None if export_timeout_s is None else export_timeout_s * 1000,
             )
         self.reader = reader
-        self.provider = MeterProvider(resource=self.resource, metric_readers=[reader])
-        self._hist = _HistogramState()
-        self._hook_histogram(reader)
-        meter = self.provider.get_meter(SCOPE)
-        self._instruments = {}
-        for fam in ALL_FAMILIES:
-            if fam.kind == "gauge":
-                self._instruments[fam.name] = meter.create_gauge(fam.otel_name, unit=fam.unit, description=fam.help)
-            elif fam.kind == "counter":
-                self._instruments[fam.name] = meter.create_counter(fam.otel_name, unit=fam.unit, description=fam.help)
+        self.close_timeout_s = close_timeout_s
+        # our exit hook instead of the SDK's, whose shutdown waits up to 30 s on a dead collector
+        self.provider = MeterProvider(resource=self.resource, metric_readers=[reader], shutdown_on_exit=False)
+        self._state = SeriesState(max_tools)
+        self._start_ns = time.time_ns()
+        self._hook_collect(reader)
         self._closed = False
+        atexit.register(_close_at_exit, weakref.ref(self))
 
-    def _hook_histogram(self, reader: MetricReader) -> None:
+    def _hook_collect(self, reader: MetricReader) -> None:
         collect = getattr(reader, "_collect", None)
         if collect is None or not hasattr(reader, "_set_collect_callback"):
-            self._reporter.report("histogram", "this opentelemetry-sdk has no reader collect hook: no histogram")
-            return
+            raise RuntimeError("this opentelemetry-sdk has no reader collect hook: install opentelemetry-sdk>=1.26")
 
-        def collect_with_histogram(r, *args, **kwargs):
+        def collect_with_state(r, *args, **kwargs):
             data = collect(r, *args, **kwargs)
             try:
-                return self._hist.add_to(data, self.resource)
+                return _with_scope(
+                    data, otel_metrics(self._state.snapshot(), self._start_ns, time.time_ns()), self.resource
+                )
             except Exception as error:
-                self._reporter.report("histogram", error)
+                self._reporter.report("collect", error)
                 return data
 
-        reader._set_collect_callback(collect_with_histogram)
+        reader._set_collect_callback(collect_with_state)
+
+    def set_max_tools(self, max_tools: int) -> None:
+        """At most ``max_tools`` ``tool`` attribute values (plus the overflow ``_other``); ``attach`` sets it."""
+        self._state.set_max_tools(max_tools)
 
     def export(self, metrics: Mapping[str, float], *, step: int, split: str) -> None:
-        """Record one collect: gauges set, counters added, histogram buckets added (never raises)."""
-        self._reporter.call("export", self._record, metrics, step, split)
+        """Record one collect: gauges replaced for ``split``, counters and histogram buckets added (never raises)."""
+        record_export(self._state, self._reporter, metrics, step, split)
 
-    def _record(self, metrics: Mapping[str, float], step: int, split: str) -> None:
-        samples, unknown = metric_samples(metrics)
-        samples += [(STEP_FAMILY, (), float(step)), (LAST_COLLECT_FAMILY, (), time.time())]
-        for fam, labels, value in samples:
-            attributes = {"split": split, **_attributes(fam, labels)}
-            instrument = self._instruments[fam.name]
-            if fam.kind == "counter":
-                if value >= 0 and math.isfinite(value):
-                    instrument.add(value, attributes)
-            else:
-                instrument.set(value, attributes)
-        histograms = getattr(metrics, "histograms", None)
-        if histograms:
-            self._hist.add(split, histograms)
-        if unknown:
-            self._reporter.report("export", f"keys outside the metric grammar ignored: {sorted(unknown)[:5]}")
+    def force_flush(self, timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S) -> bool:
+        """Export now; returns within ``timeout_s``, True only if the data reached the reader or collector."""
+        if self._closed:
+            return False
+        sent = self._sender.successes if self._sender is not None else 0
+        done, ok = _within(lambda: self.provider.force_flush(timeout_millis=timeout_s * 1000), timeout_s)
+        delivered = done and bool(ok) and (self._sender is None or self._sender.successes > sent)
+        if not delivered:
+            self._reporter.report("flush", f"force_flush delivered nothing within {timeout_s} s")
+        return delivered
 
-    def force_flush(self, timeout_s: float = 10.0) -> bool:
-        """Export now (blocks up to ``timeout_s``); for tests and the end of short jobs."""
-        return self.provider.force_flush(timeout_millis=timeout_s * 1000)
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Flush the last state and shut the provider down (bounded by ``timeout_s``)."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Send the last state and shut down; returns within ``timeout_s`` (default ``close_timeout_s``)."""
         if self._closed:
             return
         self._closed = True
-        self._reporter.call("close", self.provider.shutdown, timeout_millis=timeout_s * 1000)
+        timeout_s = self.close_timeout_s if timeout_s is None else timeout_s
+        sent = self._sender.successes if self._sender is not None else 0
+        done, _ = _within(lambda: self._reporter.call("close", self.provider.shutdown, timeout_s * 1000), timeout_s)
+        if not done or (self._sender is not None and self._sender.successes == sent):
+            self._reporter.report("close", f"the final export was not delivered within {timeout_s} s")
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    exporter = ref()
+    if exporter is not None:
+        exporter.close()
 
 
 def _attributes(fam: Family, labels: Sequence[str]) -> dict[str, str | int]:

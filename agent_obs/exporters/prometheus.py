@@ -17,101 +17,58 @@ from prometheus_client import CollectorRegistry, push_to_gateway, start_http_ser
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from agent_obs.exporters.base import FaultReporter
-from agent_obs.exporters.families import (
-    ALL_FAMILIES,
-    HISTOGRAM_FAMILY,
-    LAST_COLLECT_FAMILY,
-    STEP_FAMILY,
-    Family,
-    metric_samples,
-)
+from agent_obs.exporters.families import ALL_FAMILIES, HISTOGRAM_FAMILY, Family
+from agent_obs.exporters.state import DEFAULT_MAX_TOOLS, SeriesState, Snapshot, record_export
 
 DEFAULT_PORT = 9464
-_Key = tuple[Family, tuple[str, ...]]
+SHUTDOWN_S = 0.5  # the HTTP server's serve_forever poll interval: stopping it waits at most this long
 
 
 class PortInUseError(OSError):
     """The exporter's port is taken by another process (or another exporter)."""
 
 
-class _State:
-    """Latest gauges per split, cumulative counters and histogram buckets; thread-safe."""
+def prometheus_families(run: str, snap: Snapshot) -> Iterator[Metric]:
+    """The state as prometheus_client metric families, in ``ALL_FAMILIES`` order."""
+    out: dict[str, Metric] = {}
 
-    def __init__(self, run: str) -> None:
-        self.run = run
-        self.lock = threading.Lock()
-        self.gauges: dict[str, dict[_Key, float]] = {}  # split -> latest collect's gauges
-        self.counters: dict[tuple[str, _Key], float] = {}
-        self.hists: dict[tuple[str, str], tuple[list[float], float]] = {}  # (split, class) -> (counts, sum)
-        self.edges: tuple[float, ...] = ()
+    def family(fam: Family) -> Metric:
+        if fam.name not in out:
+            cls = GaugeMetricFamily if fam.kind == "gauge" else CounterMetricFamily
+            out[fam.name] = cls(fam.name, fam.help, labels=["run", "split", *fam.labels])
+        return out[fam.name]
 
-    def update(self, metrics: Mapping[str, float], step: int, split: str, now: float) -> list[str]:
-        samples, unknown = metric_samples(metrics)
-        gauges: dict[_Key, float] = {(STEP_FAMILY, ()): float(step), (LAST_COLLECT_FAMILY, ()): now}
-        histograms = getattr(metrics, "histograms", None) or {}
-        with self.lock:
-            for fam, labels, value in samples:
-                if fam.kind == "counter":
-                    key = (split, (fam, labels))
-                    self.counters[key] = self.counters.get(key, 0.0) + value
-                else:
-                    gauges[(fam, labels)] = value
-            self.gauges[split] = gauges
-            for cls, hist in histograms.items():
-                counts, total = self.hists.get((split, cls), ([0.0] * len(hist.counts), 0.0))
-                if len(counts) != len(hist.counts) or (self.edges and self.edges != tuple(hist.edges)):
-                    raise ValueError(f"histogram edges changed for split={split!r} class={cls!r}")
-                self.edges = tuple(hist.edges)
-                self.hists[(split, cls)] = (
-                    [a + b for a, b in zip(counts, hist.counts, strict=True)],
-                    total + hist.total,
-                )
-        return unknown
-
-    def families(self) -> Iterator[Metric]:
-        with self.lock:
-            gauges = {split: dict(g) for split, g in self.gauges.items()}
-            counters = dict(self.counters)
-            hists = {key: (list(c), s) for key, (c, s) in self.hists.items()}
-            edges = self.edges
-        out: dict[str, Metric] = {}
-
-        def family(fam: Family) -> Metric:
-            if fam.name not in out:
-                cls = GaugeMetricFamily if fam.kind == "gauge" else CounterMetricFamily
-                out[fam.name] = cls(fam.name, fam.help, labels=["run", "split", *fam.labels])
-            return out[fam.name]
-
-        for split, values in gauges.items():
-            for (fam, labels), value in values.items():
-                family(fam).add_metric([self.run, split, *labels], value)
-        for (split, (fam, labels)), value in counters.items():
-            family(fam).add_metric([self.run, split, *labels], value)
-        if hists:
-            fam = HISTOGRAM_FAMILY
-            hist = HistogramMetricFamily(fam.name, fam.help, labels=["run", "split", *fam.labels])
-            for (split, cls), (counts, total) in sorted(hists.items()):
-                cumulative, buckets = 0.0, []
-                for edge, count in zip([*edges, math.inf], counts, strict=True):
-                    cumulative += count
-                    buckets.append(("+Inf" if math.isinf(edge) else repr(float(edge)), cumulative))
-                hist.add_metric([self.run, split, cls], buckets, total)
-            out[fam.name] = hist
-        order = {f.name: i for i, f in enumerate(ALL_FAMILIES)}
-        yield from sorted(out.values(), key=lambda m: order.get(m.name, len(order)))
+    for split, values in snap.gauges.items():
+        for (fam, labels), value in values.items():
+            family(fam).add_metric([run, split, *labels], value)
+    for (split, (fam, labels)), value in snap.counters.items():
+        family(fam).add_metric([run, split, *labels], value)
+    if snap.hists:
+        fam = HISTOGRAM_FAMILY
+        hist = HistogramMetricFamily(fam.name, fam.help, labels=["run", "split", *fam.labels])
+        for (split, cls), (counts, total) in sorted(snap.hists.items()):
+            cumulative, buckets = 0.0, []
+            for edge, count in zip([*snap.edges, math.inf], counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if math.isinf(edge) else repr(float(edge)), cumulative))
+            hist.add_metric([run, split, cls], buckets, total)
+        out[fam.name] = hist
+    order = {f.name: i for i, f in enumerate(ALL_FAMILIES)}
+    yield from sorted(out.values(), key=lambda m: order.get(m.name, len(order)))
 
 
 class _Collector:
-    """A prometheus_client custom collector over ``_State``."""
+    """A prometheus_client custom collector over a ``SeriesState``."""
 
-    def __init__(self, state: _State) -> None:
+    def __init__(self, run: str, state: SeriesState) -> None:
+        self.run = run
         self.state = state
 
     def describe(self) -> list[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        return self.state.families()
+        return prometheus_families(self.run, self.state.snapshot())
 
 
 class PrometheusExporter:
@@ -135,13 +92,14 @@ class PrometheusExporter:
         push_timeout_s: float = 5.0,
         on_bind_error: str = "raise",
         report_interval_s: float = 300.0,
+        max_tools: int = DEFAULT_MAX_TOOLS,
     ) -> None:
         if on_bind_error not in ("raise", "warn"):
             raise ValueError(f"on_bind_error must be 'raise' or 'warn', got {on_bind_error!r}")
         self.run = run
         self.registry = CollectorRegistry(auto_describe=False)
-        self._state = _State(run)
-        self.registry.register(_Collector(self._state))
+        self._state = SeriesState(max_tools)
+        self.registry.register(_Collector(run, self._state))
         self._reporter = FaultReporter("prometheus", interval_s=report_interval_s)
         self._server = None
         self.host = host
@@ -178,11 +136,13 @@ class PrometheusExporter:
         """The scrape URL, or None when not serving."""
         return None if self.port is None else f"http://{self.host}:{self.port}/metrics"
 
+    def set_max_tools(self, max_tools: int) -> None:
+        """At most ``max_tools`` tool label values (plus the overflow ``_other``); ``attach`` sets it."""
+        self._state.set_max_tools(max_tools)
+
     def export(self, metrics: Mapping[str, float], *, step: int, split: str) -> None:
         """Record one collect: gauges replaced for ``split``, counters and histogram buckets added."""
-        unknown = self._reporter.call("export", self._state.update, metrics, step, split, time.time())
-        if unknown:
-            self._reporter.report("export", f"keys outside the metric grammar ignored: {sorted(unknown)[:5]}")
+        record_export(self._state, self._reporter, metrics, step, split)
         if self._pusher is not None:
             self._push_wanted.set()
 
@@ -196,21 +156,36 @@ class PrometheusExporter:
         )
 
     def _push_loop(self) -> None:
+        """Push the latest state whenever asked; after ``close()`` asked, push once more and stop."""
         while True:
             self._push_wanted.wait()
-            if self._closing:
-                return
             self._push_wanted.clear()
+            closing = self._closing
             self._reporter.call("push", self._push)
+            if closing:
+                return
 
     def close(self) -> None:
-        """Push the final state (bounded by ``push_timeout_s``) and stop the server."""
-        if self._pusher is not None and not self._closing:
+        """Push the final state and stop the server, within ``max(push_timeout_s, SHUTDOWN_S)``.
+
+        The final push runs on the pusher thread while the server stops; if it is not done by
+        ``push_timeout_s`` (a push already in flight, a gateway that does not answer), ``close``
+        reports it and returns; the Pushgateway may then hold an earlier state.
+        """
+        deadline = time.monotonic() + self._push_timeout_s
+        pusher, self._pusher = self._pusher, None
+        if pusher is not None:
             self._closing = True
             self._push_wanted.set()
-            self._pusher.join(timeout=self._push_timeout_s)
-            self._reporter.call("push", self._push)
         if self._server is not None:
-            self._server.shutdown()
+            self._server.shutdown()  # returns within serve_forever's poll interval (SHUTDOWN_S)
             self._server.server_close()
             self._server = None
+        if pusher is not None:
+            pusher.join(timeout=max(0.0, deadline - time.monotonic()))
+            if pusher.is_alive():
+                self._reporter.report(
+                    "close",
+                    f"final push to {self.push_gateway} not done within push_timeout_s={self._push_timeout_s} s; "
+                    "the Pushgateway may show an earlier state",
+                )
