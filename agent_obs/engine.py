@@ -1,7 +1,14 @@
 """Where the hook's statistics run: inline on CPU, or on a CUDA side stream overlapped with training.
 
-Both engines feed one ``StatsAccumulator`` (the same math); they differ only in when the work
-runs and how long the logits must stay alive for it.
+Both engines feed one ``StatsAccumulator`` per ``observe()`` block (``staged``) and fold it into the
+interval's accumulator (``acc``) only when the block ends cleanly, so a failed forward or a rejected
+block counts nothing. They differ only in when the work runs and how long the logits stay alive.
+
+Memory bound of the CUDA engine: besides the sums (a few KiB), the side stream keeps at most
+``max_in_flight`` chunks of logits (and their ``[N]`` targets) alive past the producing stream's use
+of them, so the extra peak memory is at most ``max_in_flight x`` the largest projection output (one
+chunk of ``B x S / num_output_chunks x V`` elements in the logits' dtype) plus the kernel's working set
+(about ``chunk_tokens x V x 4`` bytes, see ``default_chunk_tokens``).
 """
 
 from __future__ import annotations
@@ -16,21 +23,28 @@ from agent_obs.accumulator import StatsAccumulator
 class InlineEngine:
     """Computes the statistics in the hook, on the caller's stream: nothing outlives the call."""
 
-    def __init__(self, acc: StatsAccumulator) -> None:
+    def __init__(self, acc: StatsAccumulator, staged: StatsAccumulator) -> None:
         self.acc = acc
+        self.staged = staged
 
     def submit(self, logits, labels, classes, slots, *, ignore_index: int) -> None:
-        """Add one chunk of rows ``[N, V]`` (labels/classes/slots ``[N]`` or None)."""
-        self.acc.update(logits, labels, classes, slots, ignore_index=ignore_index)
+        """Add one chunk of rows ``[N, V]`` (labels/classes/slots ``[N]`` or None) to the open block."""
+        self.staged.update(logits, labels, classes, slots, ignore_index=ignore_index)
 
-    def end_block(self) -> None:
-        """Nothing in flight: the work ran inside ``submit``."""
+    def end_block(self, commit: bool = True) -> None:
+        """Fold the block's sums into the interval's (``commit``) or drop them (a failed block)."""
+        if commit:
+            self.acc.merge(self.staged)
+        self.staged.reset()
 
     def drain(self) -> torch.Tensor:
-        """The sums so far (then zeroed)."""
+        """The committed sums so far (then zeroed)."""
         sums = self.acc.sums.clone()
         self.acc.reset()
         return sums
+
+    def close(self) -> None:
+        """Nothing runs asynchronously."""
 
 
 class SideStreamEngine:
@@ -41,23 +55,30 @@ class SideStreamEngine:
     chunks the producing stream waits on the oldest event (``wait_event``: device-side
     back-pressure, no host sync), after which freeing the tensors is safe for the caching allocator
     because every later kernel of that stream is ordered after the side stream's reads.
+    The accumulators are allocated on the side stream, which is the only stream that writes them
+    (``drain`` reads them after synchronising it), so their memory is never reused under its feet.
     The side stream reads the logits while training goes on, so an in-place edit of the
-    projection's output by the model (rather than a new tensor) would race with it.
+    projection's output by the model (rather than a new tensor) would race with it (the observer warns).
     """
 
-    def __init__(self, acc: StatsAccumulator, device: torch.device, max_in_flight: int) -> None:
+    def __init__(
+        self, acc: StatsAccumulator, staged: StatsAccumulator, stream: torch.cuda.Stream, max_in_flight: int
+    ) -> None:
         self.acc = acc
-        self.device = device
+        self.staged = staged
+        self.device = stream.device
+        self.stream = stream
         self.max_in_flight = max_in_flight
-        self.stream = torch.cuda.Stream(device=device)
         self._in_flight: deque[tuple[torch.cuda.Event, tuple[torch.Tensor, ...]]] = deque()
+        self._dirty = False  # the side stream has written ``staged`` since the last end_block
 
     def submit(self, logits, labels, classes, slots, *, ignore_index: int) -> None:
         """Queue one chunk on the side stream after the work that produced it."""
         producer = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(producer)
         with torch.cuda.stream(self.stream):
-            self.acc.update(logits, labels, classes, slots, ignore_index=ignore_index)
+            self.staged.update(logits, labels, classes, slots, ignore_index=ignore_index)
+        self._dirty = True
         done = torch.cuda.Event()
         done.record(self.stream)
         held = tuple(t for t in (logits, labels, classes, slots) if t is not None)
@@ -67,29 +88,45 @@ class SideStreamEngine:
             event, _ = self._in_flight.popleft()
             producer.wait_event(event)
 
-    def end_block(self) -> None:
-        """Drop every reference at the end of ``observe()`` so no logits outlive the step.
+    def end_block(self, commit: bool = True) -> None:
+        """Fold (or drop) the block's sums on the side stream and drop every reference to its logits.
 
-        Chunks the side stream has not finished yet are handed to the caching allocator with
-        ``record_stream`` (at most ``max_in_flight`` of them): their memory is reused only after
-        the side stream's reads, without the producing stream having to wait.
+        The merge is queued after the block's updates on the same stream: no host sync. Chunks the
+        side stream has not finished yet are handed to the caching allocator with ``record_stream``
+        (at most ``max_in_flight`` of them): their memory is reused only after the side stream's
+        reads, without the producing stream having to wait.
         """
+        if self._dirty:
+            with torch.cuda.stream(self.stream):
+                if commit:
+                    self.acc.merge(self.staged)
+                self.staged.reset()
+            self._dirty = False
+        capturing = torch.cuda.is_current_stream_capturing()  # event queries are not allowed during capture
         for event, held in self._in_flight:
-            if not event.query():
+            if capturing or not event.query():
                 for t in held:
                     t.record_stream(self.stream)
         self._in_flight.clear()
 
     def drain(self) -> torch.Tensor:
-        """Wait for the side stream only, then return the device sums (then zeroed)."""
+        """Wait for the side stream only, then return the committed device sums (then zeroed)."""
         self.stream.synchronize()
         self._in_flight.clear()
         producer = torch.cuda.current_stream(self.device)
         sums = self.acc.sums.clone()
-        self.stream.wait_stream(producer)
+        self.stream.wait_stream(producer)  # the reset waits for the clone
         with torch.cuda.stream(self.stream):
             self.acc.reset()
         return sums
+
+    def close(self) -> None:
+        """Make the producing stream wait for the side stream (device-side) before anything is freed."""
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        for _, held in self._in_flight:
+            for t in held:
+                t.record_stream(self.stream)
+        self._in_flight.clear()
 
     def _release_completed(self) -> None:
         while self._in_flight and self._in_flight[0][0].query():
@@ -109,7 +146,13 @@ def make_engine(
     max_in_flight: int,
 ) -> Engine:
     """A side-stream engine for CUDA devices (unless ``side_stream=False``), else the inline one."""
-    acc = StatsAccumulator(topk, device=device, num_tool_slots=num_tool_slots, chunk_tokens=chunk_tokens)
-    if device.type == "cuda" and side_stream:
-        return SideStreamEngine(acc, device, max_in_flight)
-    return InlineEngine(acc)
+
+    def accumulator() -> StatsAccumulator:
+        return StatsAccumulator(topk, device=device, num_tool_slots=num_tool_slots, chunk_tokens=chunk_tokens)
+
+    if device.type != "cuda" or not side_stream:
+        return InlineEngine(accumulator(), accumulator())
+    stream = torch.cuda.Stream(device=device)
+    with torch.cuda.stream(stream):  # allocated on the stream that writes them
+        acc, staged = accumulator(), accumulator()
+    return SideStreamEngine(acc, staged, stream, max_in_flight)

@@ -35,6 +35,11 @@ def check_inputs(
                 f"label {value} is outside [0, {vocab}) and is not ignore_index={ignore_index}: "
                 "mask padding with ignore_index or check that the tokenizer matches the model's vocabulary"
             )
+    if token_classes is not None and (token_classes.is_floating_point() or token_classes.is_complex()):
+        raise ValueError(
+            f"token_classes must be an integer tensor of TokenClass values, got dtype {token_classes.dtype}: "
+            "build it with dtype=torch.long (a float class such as 1.5 has no meaning)"
+        )
     if token_classes is not None and bool(((token_classes < 0) | (token_classes > 3)).any()):
         raise ValueError("token_classes must hold TokenClass values 0..3 (IGNORE, REASONING, TOOL_CALL, CONTEXT)")
 

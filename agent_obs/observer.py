@@ -9,6 +9,7 @@ touches autograd and keeps no logits past the ``observe()`` block.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
@@ -45,6 +46,17 @@ class _Block:
         self.total = 0 if self.ref is None else self.ref.shape[-1]
         self.offset = 0
         self.calls = 0
+        self.captured = False  # a call came during CUDA graph capture: the block is not observed
+        self.outputs: list[tuple[weakref.ref, int]] = []  # projection outputs and their _version when read
+
+    def watch(self, output: torch.Tensor) -> None:
+        """Remember ``output``'s version counter (weakly) to detect in-place edits before the block ends."""
+        if not output.is_inference():  # inference tensors have no version counter
+            self.outputs.append((weakref.ref(output), output._version))
+
+    def edited_in_place(self) -> bool:
+        """Whether an output still alive was modified in place after the hook read it."""
+        return any((t := ref()) is not None and t._version != version for ref, version in self.outputs)
 
     def take(self, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rows ``[N, V]`` of this call and the matching ``[N]`` targets (None where not given)."""
@@ -157,6 +169,9 @@ class Observer:
         self._engines: dict[torch.device, Engine] = {}
         self._slots: dict[int, int] = {}  # tool id -> local slot, in slot order
         self._block: _Block | None = None
+        self._skipping = False  # inside a block that every_n_steps (or graph capture) skips
+        self._uncollected = False  # a block was committed since the last collect()
+        self._warned: set[str] = set()
         self._handle = projection.module.register_forward_hook(torch.compiler.disable(self._on_output))
 
     @property
@@ -183,32 +198,55 @@ class Observer:
         """
         if self._handle is None:
             raise RuntimeError("this observer is detached: call agent_obs.attach(model) again")
-        if self._block is not None:
+        if self._block is not None or self._skipping:
             raise RuntimeError("observe() blocks do not nest: close the previous block first")
         self.blocks_seen += 1
-        if (self.blocks_seen - 1) % self.every_n_steps:
-            yield
+        if (self.blocks_seen - 1) % self.every_n_steps or self._capture_skip():
+            self._skipping = True
+            try:
+                yield
+            finally:
+                self._skipping = False
             return
+        slots_before = dict(self._slots)
         block = _Block(self._prepare(labels, token_classes, tool_ids), self.rows, self.projection.name)
         self._block = block
+        clean = False  # a block counts all or nothing: its sums (and tool slots) are kept only when it ends cleanly
         try:
             yield
+            if not block.captured:
+                block.check_complete()
+                clean = True
         finally:
             self._block = None
             for engine in self._engines.values():
-                engine.end_block()
-        block.check_complete()
+                engine.end_block(commit=clean)
+            if not clean:
+                self._slots = slots_before
+        self._uncollected |= clean and block.calls > 0
+        if block.edited_in_place():
+            self._warn_once(
+                "inplace",
+                f"the model modified the output of {self.projection.name} in place after agent_obs read it "
+                "(e.g. logits.div_(t) or logits[..., i] = x): on CUDA the side stream may read the edited values, "
+                "so the metrics can be wrong. Use an out-of-place op (logits = logits / t) or attach(..., "
+                "side_stream=False)",
+            )
 
     def _on_output(self, module: nn.Module, args: tuple, output: object) -> None:
         block = self._block
         # a call during backward is activation-checkpoint recomputation: already counted
-        if block is None or torch._C._current_graph_task_id() != -1:
+        if block is None or block.captured or torch._C._current_graph_task_id() != -1:
             return
         if not isinstance(output, torch.Tensor):
             raise TypeError(
                 f"{self.projection.name} returned {type(output).__name__}, not a logits tensor: "
                 "pass the module that outputs the logits as attach(model, layer=...)"
             )
+        if output.is_cuda and self._capture_skip():
+            block.captured = True
+            return
+        block.watch(output)
         with torch.no_grad():
             logits, labels, classes, tool_slots = block.take(output.detach())
             engine = self._engines.get(logits.device)
@@ -296,6 +334,64 @@ class Observer:
         param = next(self.model.parameters(), None)
         return torch.device("cpu") if param is None else param.device
 
+    def warmup(
+        self,
+        *,
+        dtype: torch.dtype | None = None,
+        vocab_size: int | None = None,
+        labels: bool = True,
+        token_classes: bool = True,
+        tool_ids: bool | None = None,
+    ) -> None:
+        """Compile the metric kernel now, on a dummy chunk shaped like the projection's output, not in step 1.
+
+        ``dtype`` defaults to the projection's weight dtype (pass the autocast dtype under autocast),
+        ``vocab_size`` to the projection's; ``labels``/``token_classes``/``tool_ids`` say which targets
+        the ``observe()`` blocks will pass (each combination is its own compiled variant; ``tool_ids``
+        defaults to ``token_classes and max_tools > 0``). The kernel logs one line while compiling; records nothing.
+        """
+        vocab = vocab_size or self.projection.vocab_size
+        if vocab is None:
+            raise ValueError(f"the vocabulary of {self.projection.name} is unknown: pass warmup(vocab_size=...)")
+        weight = getattr(self.projection.module, "weight", None)
+        param = weight if isinstance(weight, torch.Tensor) else next(self.model.parameters(), None)
+        dtype = dtype or (torch.float32 if param is None else param.dtype)
+        tool_ids = token_classes and self.max_tools > 0 if tool_ids is None else tool_ids
+        device = self._model_device()
+        engine = make_engine(
+            device,
+            self.topk,
+            num_tool_slots=self._num_tool_slots,
+            chunk_tokens=self.chunk_tokens,
+            side_stream=False,
+            max_in_flight=self.max_in_flight,
+        )
+        rows = 4  # >= 2: fewer rows run eagerly
+        zeros = torch.zeros(rows, dtype=torch.long, device=device)
+        engine.submit(
+            torch.zeros(rows, vocab, dtype=dtype, device=device),
+            zeros if labels else None,
+            zeros + int(TokenClass.TOOL_CALL) if token_classes else None,
+            zeros if token_classes and tool_ids else None,
+            ignore_index=self.ignore_index,
+        )
+
+    def _capture_skip(self) -> bool:
+        """True (after one warning) while the current CUDA stream is capturing a graph: nothing can be observed."""
+        if not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
+            return False
+        self._warn_once(
+            "capture",
+            "agent_obs does not observe inside CUDA graph capture (events, stream waits and host copies cannot be "
+            "captured): blocks during capture record nothing. Observe an uncaptured (eager) step instead",
+        )
+        return True
+
+    def _warn_once(self, key: str, message: str, stacklevel: int = 4) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+
     # -- reporting ---------------------------------------------------------------------------
 
     def collect(self, split: str = "train", step: int | None = None) -> Metrics:
@@ -305,10 +401,11 @@ class Observer:
         torch.distributed is initialised: every rank must call it. ``step`` defaults to the
         number of ``observe()`` blocks so far.
         """
-        if self._block is not None:
+        if self._block is not None or self._skipping:
             raise RuntimeError("collect() inside an observe() block: call it after the block")
         step = self.blocks_seen if step is None else step
         sums = self._drain()
+        self._uncollected = False
         known = known_tools()
         slot_tools = [(tid, known.get(tid)) for tid in self._slots]
         self._slots = {}
@@ -334,6 +431,14 @@ class Observer:
             return
         self._handle.remove()
         self._handle = None
+        if self._uncollected:
+            self._warn_once(
+                "uncollected",
+                "detach() drops the metrics observed since the last collect(): call obs.collect() before detach()",
+                stacklevel=3,
+            )
+        for engine in self._engines.values():
+            engine.close()  # no side-stream write may outlive the memory it writes
         self._engines.clear()
         close_all(self.exporters)
 

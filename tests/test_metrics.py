@@ -152,6 +152,7 @@ def test_topk_beyond_vocab_and_large_k(eager):
         ({"labels": torch.zeros(1, 3)}, "integer token ids"),
         ({"token_classes": torch.tensor([[0, 1]])}, "token_classes has shape (1, 2)"),
         ({"token_classes": torch.tensor([[0, 1, 7]])}, "TokenClass values 0..3"),
+        ({"token_classes": torch.tensor([[0.0, 1.5, 2.0]])}, "integer tensor of TokenClass values"),
     ],
 )
 def test_bad_inputs_raise_helpful_errors(kwargs, message):
