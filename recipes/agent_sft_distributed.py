@@ -468,6 +468,12 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
                 log.info(
                     f"agent-obs: resuming at step {self.global_step}: {removed} later line(s) cut from {jsonl_path}"
                 )
+        elif self._is_rank_zero and jsonl_path and Path(jsonl_path).is_file() and Path(jsonl_path).stat().st_size:
+            log.warning(
+                f"agent-obs: {jsonl_path} already holds an earlier run's records and this run appends from step 1, "
+                "so steps repeat: set agent_obs.jsonl_path (or output_dir) to a new path, or resume_from_checkpoint=True "
+                "to continue that run"
+            )
 
         # Setup lr scheduler
         self._lr_scheduler = self._setup_lr_scheduler(
