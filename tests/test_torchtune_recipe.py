@@ -181,6 +181,9 @@ def test_config_components_resolve_and_agent_keys_are_set(name):
         assert key in cfg
     assert cfg.get("batch_size_val", cfg.batch_size) <= cfg.batch_size
     assert OmegaConf.select(cfg, "agent_obs.prometheus_host", default="127.0.0.1") == "127.0.0.1"
+    if name == "agent_sft_distributed":  # the 32B config follows the seed and says what memory it needs
+        assert cfg.tokenizer.max_seq_len == 32768 and cfg.model._component_.endswith("qwen2_5_32b_instruct")
+        assert "# Memory" in resolve_config(name).read_text(encoding="utf-8")
 
 
 SEED_ALIAS_LINE = "the design document's component paths resolve to this project's classes"
