@@ -119,7 +119,7 @@ def _point_resume_at_last_epoch(cfg: DictConfig) -> None:
     unless ``checkpointer.checkpoint_files`` already names files that exist under ``output_dir``."""
     ckpt = cfg.checkpointer
     out = Path(ckpt.output_dir)
-    if all((out / f).is_file() for f in configured_files(ckpt.checkpoint_files)):
+    if "checkpoint_files" not in ckpt or all((out / f).is_file() for f in configured_files(ckpt.checkpoint_files)):
         return
     files = resume_checkpoint_files(out, ckpt.get("recipe_checkpoint", None))
     with open_dict(ckpt):
