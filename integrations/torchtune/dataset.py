@@ -111,7 +111,7 @@ def instantiate_component(node: Mapping[str, Any]) -> Any:
 
     if "_component_" not in node:
         raise ValueError(f"message_transform needs a _component_ (e.g. {JSON_TO_MESSAGES}), got keys {sorted(node)}")
-    node = OmegaConf.create(OmegaConf.to_container(node) if OmegaConf.is_config(node) else dict(node))
+    node = OmegaConf.create(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node))
     resolve_seed_components(node)
     return config.instantiate(node)
 
