@@ -18,11 +18,15 @@ import sys
 import time
 from contextlib import nullcontext
 from functools import partial
+from pathlib import Path
 from typing import Any
 from warnings import warn
 
 import torch
-from agent_obs.integrations.torchtune.collate import padded_collate_agent_packed
+from agent_obs.integrations.torchtune.collate import default_collate, padded_collate_agent_packed
+from agent_obs.integrations.torchtune.resume import configured_files, resume_checkpoint_files, truncate_jsonl
+from agent_obs.integrations.torchtune.sampler import ShardSampler
+from agent_obs.integrations.torchtune.seed_config import resolve_seed_components
 from omegaconf import DictConfig, ListConfig, open_dict
 from torch import nn
 from torch.distributed import (
@@ -65,14 +69,24 @@ def _build_exporters(cfg_obs: DictConfig) -> list:
     run = cfg_obs.get("run_name", "default")
     exporters = []
     if cfg_obs.get("prometheus_port", None) is not None:
-        from agent_obs.exporters.prometheus import PrometheusExporter
+        from agent_obs.exporters.prometheus import PortInUseError, PrometheusExporter
 
-        prom = PrometheusExporter(
-            port=int(cfg_obs.prometheus_port),
-            host=cfg_obs.get("prometheus_host", "127.0.0.1"),
-            run=run,
-            push_gateway=cfg_obs.get("pushgateway_url", None),
-        )
+        port, host = int(cfg_obs.prometheus_port), cfg_obs.get("prometheus_host", "127.0.0.1")
+        try:
+            prom = PrometheusExporter(
+                port=port,
+                host=host,
+                run=run,
+                push_gateway=cfg_obs.get("pushgateway_url", None),
+                on_bind_error=cfg_obs.get("on_bind_error", "raise"),
+            )
+        except PortInUseError as error:
+            raise PortInUseError(
+                error.errno,
+                f"agent_obs.prometheus_port={port}: port {port} on {host} is already in use. Set "
+                "agent_obs.prometheus_port to a free port, 0 (any free port, printed at start) or null (off), "
+                "or agent_obs.on_bind_error=warn to train on without serving /metrics",
+            ) from error
         log.info(f"agent-obs: Prometheus metrics on {prom.url}")
         exporters.append(prom)
     if cfg_obs.get("otlp_endpoint", None):
@@ -88,13 +102,29 @@ def _build_exporters(cfg_obs: DictConfig) -> list:
 
 
 def _forward_classification_flag(cfg: DictConfig, enabled: bool) -> None:
-    """agent-obs: pass ``enable_token_classification`` to AgentSFTDataset nodes that do not set it."""
+    """agent-obs: pass ``enable_token_classification`` (and the config key named in data errors) to
+    AgentSFTDataset nodes that do not set them."""
     for key in ("dataset", "dataset_val"):
         nodes = cfg.get(key, None)
-        for node in nodes if isinstance(nodes, ListConfig) else [nodes]:
+        many = isinstance(nodes, ListConfig)
+        for i, node in enumerate(nodes if many else [nodes]):
             if node is not None and str(node.get("_component_", "")).endswith("AgentSFTDataset"):
                 with open_dict(node):
                     node.setdefault("enable_token_classification", enabled)
+                    node.setdefault("config_key", f"{key}[{i}]" if many else key)
+
+
+def _point_resume_at_last_epoch(cfg: DictConfig) -> None:
+    """agent-obs: on resume, read the model from the epoch the recipe state belongs to (``epoch_N/model-*``)
+    unless ``checkpointer.checkpoint_files`` already names files that exist under ``output_dir``."""
+    ckpt = cfg.checkpointer
+    out = Path(ckpt.output_dir)
+    if "checkpoint_files" not in ckpt or all((out / f).is_file() for f in configured_files(ckpt.checkpoint_files)):
+        return
+    files = resume_checkpoint_files(out, ckpt.get("recipe_checkpoint", None))
+    with open_dict(ckpt):
+        ckpt.checkpoint_files = files
+    utils.log_rank_zero(log, f"agent-obs: resuming from {out}/recipe_state and the model files {files}")
 
 
 def _shift(t: torch.Tensor, fill: int) -> torch.Tensor:
@@ -230,6 +260,8 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._optimizer_in_bwd = cfg.get("optimizer_in_bwd", False)
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
+        if self._resume_from_checkpoint:  # agent-obs: no checkpointer.checkpoint_files override needed
+            _point_resume_at_last_epoch(cfg)
         self._checkpoint_client = CheckpointClient(cfg)
 
         # Optimizer in backward is not compatible with gradient accumulation or gradient clipping
@@ -282,6 +314,8 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         self._progress_lines = cfg.get("progress_lines", False)
         self._observer = None
         self._exporters = []
+        self._collate_name = None
+        self._warned_no_classes = False
 
     def _update_recipe_state(self, ckpt_dict: dict[str, Any]) -> None:
         """
@@ -396,7 +430,16 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
 
         # sampler and dataloader depend on the tokenizer and loss_fn and should be
         # setup after both of these are initialized
-        collate_name = cfg.get("collate_fn", "torchtune.data.padded_collate_sft")
+        # agent-obs: the design document's component paths (torchtune.datasets.AgentSFTDataset, ...) resolve
+        # to this project's classes; without collate_fn the collate follows the dataset (see _setup_data)
+        seed_paths = resolve_seed_components(cfg)
+        if seed_paths:
+            utils.log_rank_zero(
+                log,
+                "agent-obs: the design document's component paths resolve to this project's classes: "
+                + "; ".join(f"{seed} -> {ours}" for seed, ours in seed_paths),
+            )
+        collate_name = cfg.get("collate_fn", None)
         _forward_classification_flag(cfg, self._enable_token_classification)
         self._dataloader = self._setup_data(
             cfg_dataset=cfg.dataset,
@@ -416,6 +459,21 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < self._steps_per_epoch:
             self._steps_per_epoch = self.max_steps_per_epoch
         self.global_step = self.epochs_run * self._steps_per_epoch
+
+        # agent-obs: a resumed run writes the steps after the checkpoint again: drop them from the JSONL log
+        jsonl_path = (cfg.get("agent_obs", None) or {}).get("jsonl_path", None)
+        if self._resume_from_checkpoint and self._is_rank_zero and jsonl_path:
+            removed = truncate_jsonl(jsonl_path, self.global_step)
+            if removed:
+                log.info(
+                    f"agent-obs: resuming at step {self.global_step}: {removed} later line(s) cut from {jsonl_path}"
+                )
+        elif self._is_rank_zero and jsonl_path and Path(jsonl_path).is_file() and Path(jsonl_path).stat().st_size:
+            log.warning(
+                f"agent-obs: {jsonl_path} already holds an earlier run's records and this run appends from step 1, "
+                "so steps repeat: set agent_obs.jsonl_path (or output_dir) to a new path, or resume_from_checkpoint=True "
+                "to continue that run"
+            )
 
         # Setup lr scheduler
         self._lr_scheduler = self._setup_lr_scheduler(
@@ -445,6 +503,7 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
                 shuffle=False,
                 batch_size=batch_size_val,
                 collate_fn=collate_name,
+                exact=True,
             )
         if self._enable_detailed_metrics:
             from agent_obs.observer import attach
@@ -735,8 +794,9 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         cfg_dataset: DictConfig,
         shuffle: bool,
         batch_size: int,
-        collate_fn: str,
+        collate_fn: str | None,
         dataloader_state_dict: dict[str, Any] | None = None,
+        exact: bool = False,
     ) -> StatefulDataLoader:
         """
         All data related setup happens here. This recipe currently supports only
@@ -751,12 +811,23 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
             ds = config.instantiate(cfg_dataset, self._tokenizer)
             packed = cfg_dataset.get("packed", False)
 
+        # agent-obs: without collate_fn, samples with token_classes get the agent collate (torchtune's drops them)
+        if collate_fn is None:
+            collate_fn = default_collate(ds[0] if len(ds) else {})
+            if not packed and self._collate_name is None:
+                utils.log_rank_zero(log, f"agent-obs: collate_fn is not set; the dataset's samples use {collate_fn}")
+        self._collate_name = self._collate_name or collate_fn
+
         # Instantiate collate_fn
         if "left_pad_sequence" in collate_fn:
             raise RuntimeError("left_pad_sequence collator is only for inference.")
         collate_fn = _get_component_from_path(collate_fn)
 
-        sampler = StatefulDistributedSampler(ds, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle)
+        # agent-obs: exact=True (validation): every row once over the data-parallel ranks, no padding rows
+        if exact:
+            sampler = ShardSampler(len(ds), num_replicas=self.dp_size, rank=self.dp_rank)
+        else:
+            sampler = StatefulDistributedSampler(ds, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle)
         dataloader = StatefulDataLoader(
             dataset=ds,
             batch_size=batch_size,
@@ -770,8 +841,8 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
                 if not packed
                 else padded_collate_agent_packed  # agent-obs: keeps token_classes/tool_ids
             ),
-            # dropping last avoids shape issues with compile + flex attention
-            drop_last=True,
+            # dropping last avoids shape issues with compile + flex attention (agent-obs: not for validation)
+            drop_last=not exact,
         )
 
         return dataloader
@@ -961,6 +1032,10 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
                 if ((idx + 1) // self._gradient_accumulation_steps) == self.max_steps_per_epoch:
                     break
 
+            # agent-obs: without run_val_every_n_steps, validate at the end of each epoch
+            if self._val_dataloader is not None and not self._run_val_every_n_steps:
+                self.validate()
+
             self.epochs_run += 1
             self._checkpoint_client.save_checkpoint(
                 model=self._model,
@@ -985,6 +1060,8 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         """agent-obs: the observer context for one forward (a no-op when not observing)."""
         if not observing:
             return nullcontext()
+        if self._enable_token_classification and token_classes is None:
+            self._warn_no_classes()
         classes = tools = None
         if self._enable_token_classification and token_classes is not None:
             classes = _shift(token_classes.to(self._device), int(TokenClass.IGNORE))
@@ -992,15 +1069,42 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
                 tools = _shift(tool_ids.to(self._device), -1)
         return self._observer.observe(labels=labels, token_classes=classes, tool_ids=tools)
 
+    def _warn_no_classes(self) -> None:
+        """agent-obs: one warning when classification is on but batches carry no ``token_classes``."""
+        if self._warned_no_classes:
+            return
+        self._warned_no_classes = True
+        if self._is_rank_zero:
+            log.warning(
+                "agent-obs: enable_token_classification is True but a batch arrived without token_classes, so only "
+                "the overall metrics are logged (no reasoning_/tool_call_ keys). Cause: "
+                f"collate_fn {self._collate_name} drops them, or the dataset does not produce them. Fix: use "
+                "dataset._component_: agent_obs.integrations.torchtune.dataset.AgentSFTDataset with collate_fn: "
+                "agent_obs.integrations.torchtune.collate.padded_collate_agent_sft (or no collate_fn), "
+                "or set enable_token_classification: False"
+            )
+
+    def _val_steps(self) -> int:
+        """agent-obs: forwards per rank in one validation: the most batches any rank holds, capped by max_val_steps."""
+        steps = torch.tensor(len(self._val_dataloader), device=self._device)
+        torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
+        return int(steps) if self._max_val_steps is None else min(int(steps), int(self._max_val_steps))
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """agent-obs: loss and detailed metrics over ``max_val_steps`` batches of ``dataset_val``."""
+        """agent-obs: loss and detailed metrics over ``dataset_val`` (all of it, or ``max_val_steps`` batches per rank).
+
+        Each row counts once; a rank out of rows runs a padding forward, unobserved, since FSDP forwards are collective.
+        """
         self._model.eval()
         total_loss = torch.zeros((), device=self._device, dtype=torch.float64)
         total_tokens = torch.zeros((), device=self._device, dtype=torch.float64)
-        for idx, batch in enumerate(self._val_dataloader):
-            if self._max_val_steps is not None and idx >= self._max_val_steps:
-                break
+        batches = iter(self._val_dataloader)
+        for _ in range(self._val_steps()):
+            batch = next(batches, None)
+            if batch is None:
+                self._model(tokens=torch.full((1, 8), self._tokenizer.pad_id, device=self._device))
+                continue
             token_classes = batch.pop("token_classes", None)
             tool_ids = batch.pop("tool_ids", None)
             utils.batch_to_device(batch, self._device)

@@ -220,3 +220,55 @@ def test_truncated_sample_keeps_the_untruncated_classes_prefix(assets):
         assert cut["token_classes"][:-1] == full["token_classes"][: max_len - 1]
         assert cut["tool_ids"][:-1] == full["tool_ids"][: max_len - 1]
         assert cut["token_classes"][-1] == IGNORE  # the eos that truncation writes last
+
+
+GOOD_ROW = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}).encode()
+
+
+@pytest.mark.parametrize(
+    ("content", "key", "needle", "line"),
+    [
+        (b"", "dataset", "is empty", None),
+        (b"\n  \n\t\n", "dataset_val", "has only blank lines", None),
+        (GOOD_ROW + b'\n{"messages": [{"role": "user", "content": "caf\xe9"}]}\n', "dataset_val", "UTF-8", 2),
+    ],
+    ids=["empty", "blank-only", "invalid-utf8"],
+)
+def test_data_file_errors_name_config_key_file_and_line(assets, tmp_path, content, key, needle, line):
+    f = tmp_path / "data.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(DataFormatError) as err:
+        AgentSFTDataset(
+            _tokenizer(assets), source="json", data_files=str(f), message_transform=JSONToMessages(), config_key=key
+        )
+    message = str(err.value)
+    assert message.startswith(f"{key}") and str(f) in message and needle in message, message
+    if line is not None:
+        byte = content.split(b"\n")[line - 1].index(b"\xe9") + 1
+        assert f"{f}:{line}:" in message and f"byte {byte} of the line" in message
+    else:
+        assert f"{key}.data_files" in message  # the fix: what to point where
+
+
+def test_missing_data_file_names_the_config_key_data_files(assets, tmp_path):
+    missing = tmp_path / "val.jsonl"
+    with pytest.raises(DataFormatError, match=rf"^dataset_val\.data_files: {missing}: no such data file"):
+        AgentSFTDataset(
+            _tokenizer(assets),
+            source="json",
+            data_files=[str(DATA_DIR / "agent_sft_val.jsonl"), str(missing)],
+            message_transform=JSONToMessages(),
+            config_key="dataset_val",
+        )
+
+
+def test_seed_component_path_for_the_message_transform_resolves_to_json_to_messages(assets):
+    kw = {"source": "json", "data_files": str(DATA_DIR / "agent_sft_val.jsonl")}
+    seed = AgentSFTDataset(
+        _tokenizer(assets),
+        message_transform={"_component_": "torchtune.data.JSONToMessages", "column_map": {"messages": "messages"}},
+        **kw,
+    )
+    ours = AgentSFTDataset(_tokenizer(assets), message_transform=JSONToMessages(), **kw)
+    assert isinstance(seed._sft._message_transform, JSONToMessages)
+    assert seed[3]["tokens"] == ours[3]["tokens"] and seed[3]["token_classes"] == ours[3]["token_classes"]

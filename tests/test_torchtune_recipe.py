@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,24 +52,48 @@ def test_tiny_checkpoint_loads_in_torchtune_and_starts_near_uniform(tmp_path):
     assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.05  # std 0.02: near-uniform start, not a loss of ~58
 
 
-def _run(tmp: Path, assets: Path, *overrides: str) -> dict[int, dict[str, float]]:
-    """Launch the tiny config with 2 ranks through `agent-obs run`; return the metric log by step."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int, config: str, *overrides: str, ok: bool = True) -> subprocess.CompletedProcess:
+    """Run the recipe file with torchrun, its rendezvous on 127.0.0.1 only; assert the exit status."""
+    from agent_obs.launch import recipe_path, resolve_config
+
     cmd = [
-        sys.executable, "-m", "agent_obs.cli", "run", "--nproc-per-node", "2", "--config", "agent_sft_tiny_cpu",
-        f"demo_dir={assets}", f"data_dir={DATA_DIR}", f"output_dir={tmp}", "epochs=1", "progress_lines=False",
-        *overrides,
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+        str(recipe_path()), "--config", str(resolve_config(config)), *overrides,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "MASTER_ADDR": "127.0.0.1"}
+    )
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _disk_log(logs: Path) -> dict[int, dict[str, float]]:
+    """A torchtune DiskLogger file, or a folder of them (one per run, oldest first, merged), by step."""
     by_step: dict[int, dict[str, float]] = {}
-    (log,) = (tmp / "logs").glob("log_*.txt")
-    for line in log.read_text().splitlines():
-        head, _, body = line.partition(" | ")
-        step = int(head.split()[1])
-        for item in body.split():
-            key, _, value = item.rpartition(":")
-            by_step.setdefault(step, {})[key] = float(value)
+    for log in [logs] if logs.is_file() else sorted(logs.glob("log_*.txt")):
+        for line in log.read_text().splitlines():
+            head, _, body = line.partition(" | ")
+            step = int(head.split()[1])
+            for item in body.split():
+                key, _, value = item.rpartition(":")
+                by_step.setdefault(step, {})[key] = float(value)
     return by_step
+
+
+def _run(tmp: Path, assets: Path, *overrides: str) -> dict[int, dict[str, float]]:
+    """Run the tiny config with 2 ranks; return the metric log by step."""
+    _torchrun(
+        2, "agent_sft_tiny_cpu", f"demo_dir={assets}", f"data_dir={DATA_DIR}", f"output_dir={tmp}", "epochs=1",
+        "progress_lines=False", *overrides,
+    )  # fmt: skip
+    return _disk_log(tmp / "logs")
 
 
 @pytest.mark.slow
@@ -125,12 +152,13 @@ def test_launch_command_runs_the_recipe_file_with_torchrun_and_names_known_confi
     cmd = launch_command(2, "agent_sft_tiny_cpu", ["epochs=1"])
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     assert cmd[6] == str(RECIPE) and Path(cmd[8]).name == "agent_sft_tiny_cpu.yaml" and cmd[-1] == "epochs=1"
-    with pytest.raises(FileNotFoundError, match="agent_sft_distributed, agent_sft_tiny_cpu"):
+    with pytest.raises(FileNotFoundError, match="agent_sft_distributed, agent_sft_seed_tiny_cpu, agent_sft_tiny_cpu"):
         launch_command(1, "no_such_config")
 
 
-@pytest.mark.parametrize("name", ["agent_sft_distributed", "agent_sft_tiny_cpu"])
+@pytest.mark.parametrize("name", ["agent_sft_distributed", "agent_sft_tiny_cpu", "agent_sft_seed_tiny_cpu"])
 def test_config_components_resolve_and_agent_keys_are_set(name):
+    from agent_obs.integrations.torchtune.seed_config import project_component
     from omegaconf import OmegaConf
     from torchtune.config._utils import _get_component_from_path
 
@@ -147,9 +175,197 @@ def test_config_components_resolve_and_agent_keys_are_set(name):
 
     walk(OmegaConf.to_container(cfg, resolve=False))
     assert len(components) >= 8
-    for path in [*components, cfg.collate_fn]:
-        _get_component_from_path(path)
-    for key in ("enable_detailed_metrics", "enable_token_classification", "entropy_k", "run_val_every_n_steps"):
+    for path in [*components, cfg.get("collate_fn", "torchtune.data.padded_collate_sft")]:
+        _get_component_from_path(project_component(path))  # the seed's torchtune.* paths map to agent-obs
+    for key in ("enable_detailed_metrics", "enable_token_classification", "entropy_k"):
         assert key in cfg
-    assert cfg.batch_size_val <= cfg.batch_size
-    assert cfg.agent_obs.prometheus_host == "127.0.0.1"
+    assert cfg.get("batch_size_val", cfg.batch_size) <= cfg.batch_size
+    assert OmegaConf.select(cfg, "agent_obs.prometheus_host", default="127.0.0.1") == "127.0.0.1"
+    if name == "agent_sft_distributed":  # the 32B config follows the seed and says what memory it needs
+        assert cfg.tokenizer.max_seq_len == 32768 and cfg.model._component_.endswith("qwen2_5_32b_instruct")
+        assert "# Memory" in resolve_config(name).read_text(encoding="utf-8")
+
+
+SEED_ALIAS_LINE = "the design document's component paths resolve to this project's classes"
+NO_CLASSES_WARNING = "enable_token_classification is True but a batch arrived without token_classes"
+
+
+@pytest.mark.slow
+def test_seed_yaml_as_printed_runs_and_logs_all_36_train_and_val_keys(tmp_path, assets):
+    """The design document's config block (paths and model swapped only): aliases, collate, end-of-epoch val."""
+    from omegaconf import OmegaConf
+
+    from agent_obs.launch import resolve_config
+
+    cfg = OmegaConf.load(resolve_config("agent_sft_seed_tiny_cpu"))
+    assert cfg.dataset._component_ == "torchtune.datasets.AgentSFTDataset"  # as printed in the seed
+    assert cfg.dataset.message_transform._component_ == "torchtune.data.JSONToMessages"
+    assert OmegaConf.to_container(cfg.dataset.message_transform.column_map) == {"messages": "messages"}
+    assert "collate_fn" not in cfg and "run_val_every_n_steps" not in cfg and "max_val_steps" not in cfg
+    assert (cfg.entropy_k, cfg.log_detailed_metrics_every_n_steps, cfg.tokenizer.max_seq_len) == (10, 10, 32768)
+
+    proc = _torchrun(
+        2, "agent_sft_seed_tiny_cpu", f"demo_dir={assets}", f"data_dir={DATA_DIR}", f"output_dir={tmp_path}"
+    )
+    out = proc.stdout + proc.stderr
+    assert out.count(SEED_ALIAS_LINE) == 1, out[-3000:]
+    assert "torchtune.datasets.AgentSFTDataset -> agent_obs.integrations.torchtune.dataset.AgentSFTDataset" in out
+    assert "use agent_obs.integrations.torchtune.collate.padded_collate_agent_sft" in out
+    assert NO_CLASSES_WARNING not in out
+    log = _disk_log(tmp_path / "logs")
+    steps = sorted(log)  # 32 rows / 2 ranks / batch 1 = 16 steps; detailed train metrics every 10; val at epoch end
+    assert steps == list(range(1, 17))
+    stats = ("entropy", "perplexity", "top1_prob", "top2_prob", "top5_prob", "top10_prob")
+    keys = [f"{split}_{group}{stat}" for split in ("train", "val") for group in GROUPS for stat in stats]
+    assert len(keys) == 36
+    logged = {**log[10], **log[16]}
+    for key in keys:
+        assert key in logged and math.isfinite(logged[key]), key
+    assert not any(k.startswith("val_") for k in log[10]) and not any(k.startswith("train_") for k in log[16])
+    assert logged["val_tokens"] == logged["val_reasoning_tokens"] + logged["val_tool_call_tokens"]
+
+
+def _val_rows(n: int, out: Path) -> Path:
+    """The first ``n`` conversations of the sample val set as their own file."""
+    lines = (DATA_DIR / "agent_sft_val.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def _val_overrides(run: Path, assets: Path, val_file: Path) -> list[str]:
+    return [
+        f"demo_dir={assets}", f"data_dir={DATA_DIR}", f"output_dir={run}", f"agent_obs.jsonl_path={run}/m.jsonl",
+        "agent_obs.prometheus_port=0", "progress_lines=False", "epochs=2", "max_steps_per_epoch=1",
+        "run_val_every_n_steps=null", "max_val_steps=null", f"dataset_val.data_files={val_file}",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory, assets) -> tuple[Path, Path]:
+    """2 gloo ranks, 2 epochs of 1 step, a 5-row val set (rank 0 gets 3 rows, rank 1 gets 2), val at epoch ends."""
+    tmp = tmp_path_factory.mktemp("two_epoch")
+    val_file = _val_rows(5, tmp / "val5.jsonl")
+    _torchrun(2, "agent_sft_tiny_cpu", *_val_overrides(tmp / "run", assets, val_file))
+    return tmp / "run", val_file
+
+
+def _records(jsonl: Path) -> list[dict]:
+    return [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.slow
+def test_validation_counts_every_val_row_once_across_two_ranks_like_one_process(two_epoch_run, assets):
+    """Val at the end of each epoch over the whole file; the 2-rank metrics equal a float64 one-process reference."""
+    from agent_obs.integrations.torchtune.dataset import AgentSFTDataset
+    from agent_obs.integrations.torchtune.messages import JSONToMessages
+    from metric_reference import reference_metrics
+    from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+    from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+
+    run, val_file = two_epoch_run
+    log = _disk_log(run / "logs")
+    assert sorted(log) == [1, 2] and all("val_loss" in log[s] for s in (1, 2))  # no run_val_every_n_steps
+
+    # one process: the epoch_0 weights (validated at step 1, before the checkpoint) over every val row
+    tok_dir = assets / "tokenizer"
+    tok = qwen2_5_tokenizer(
+        path=str(tok_dir / "vocab.json"), merges_file=str(tok_dir / "merges.txt"),
+        special_tokens_path=str(tok_dir / "tokenizer.json"), max_seq_len=1024,
+    )  # fmt: skip
+    ds = AgentSFTDataset(tok, source="json", data_files=str(val_file), message_transform=JSONToMessages())
+    files = sorted(p.name for p in (run / "epoch_0").glob("*.safetensors"))
+    model = _load(run / "epoch_0", files, run.parent / "reload", TinyQwen2Config()).eval()
+    logits, labels, classes = [], [], []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            row = ds[i]
+            logits.append(model(torch.tensor([row["tokens"]]))[0])
+            labels.append(torch.tensor([*row["labels"][1:], CROSS_ENTROPY_IGNORE_IDX]))
+            classes.append(torch.tensor([*row["token_classes"][1:], 0]))
+    logits, labels, classes = torch.cat(logits), torch.cat(labels), torch.cat(classes)
+    want, _ = reference_metrics(logits, labels, classes)
+    loss_tokens = labels != CROSS_ENTROPY_IGNORE_IDX
+    want_loss = torch.nn.functional.cross_entropy(logits[loss_tokens].double(), labels[loss_tokens]).item()
+
+    (val,) = [r for r in _records(run / "m.jsonl") if r["split"] == "val" and r["step"] == 1]
+    assert val["tokens"] == want["tokens"]  # every row exactly once: none dropped, none repeated
+    assert log[1]["val_tokens"] == want["tokens"]
+    for key, value in want.items():
+        assert val[key] == pytest.approx(value, rel=2e-5, abs=1e-7), key
+    assert log[1]["val_loss"] == pytest.approx(want_loss, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_from_the_written_checkpoint_continues_steps_and_never_repeats_a_logged_step(
+    two_epoch_run, assets, tmp_path
+):
+    """resume_from_checkpoint=True alone: step 2 is trained again from epoch_0 (same loss) and logged once."""
+    src, val_file = two_epoch_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    before = _records(run / "m.jsonl")
+    assert [(r["step"], r["split"]) for r in before] == [(1, "train"), (1, "val"), (2, "train"), (2, "val")]
+    first = _disk_log(run / "logs")
+    assert sorted(first) == [1, 2]
+
+    proc = _torchrun(
+        2, "agent_sft_tiny_cpu", *_val_overrides(run, assets, val_file), "resume_from_checkpoint=True",
+        "collate_fn=torchtune.data.padded_collate_sft",  # drops token_classes: one warning names cause and fix
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert "epoch_0/model-00001-of-00001.safetensors" in out  # the recipe state is from the end of epoch 0
+    assert out.count(NO_CLASSES_WARNING) == 1 and "padded_collate_agent_sft" in out.split(NO_CLASSES_WARNING)[1]
+
+    _, new_log = sorted((run / "logs").glob("log_*.txt"))  # torchtune's DiskLogger: a file per run
+    again = _disk_log(new_log)
+    assert sorted(again) == [2]  # numbering continues after the checkpoint's step 1
+    after = _records(run / "m.jsonl")
+    assert [(r["step"], r["split"]) for r in after] == [(1, "train"), (1, "val"), (2, "train"), (2, "val")]
+    assert after[:2] == before[:2] and after[2]["time"] > before[3]["time"]
+    again = again[2]
+    assert again["loss"] == pytest.approx(first[2]["loss"], rel=1e-6)  # weights and optimizer state restored
+    assert again["val_loss"] == pytest.approx(first[2]["val_loss"], rel=1e-6)
+    assert "val_reasoning_entropy" not in again  # no classes in the resumed run: overall metrics only
+
+
+@pytest.mark.slow
+def test_missing_val_file_error_names_dataset_val_data_files(tmp_path, assets):
+    missing = tmp_path / "nope" / "val.jsonl"
+    proc = _torchrun(
+        1, "agent_sft_tiny_cpu", f"demo_dir={assets}", f"data_dir={DATA_DIR}", f"output_dir={tmp_path}",
+        "agent_obs.prometheus_port=null", f"dataset_val.data_files={missing}", ok=False,
+    )  # fmt: skip
+    assert f"dataset_val.data_files: {missing}: no such data file" in proc.stdout + proc.stderr
+
+
+def _recipe_module():
+    import importlib.util
+
+    from agent_obs.launch import recipe_path
+
+    spec = importlib.util.spec_from_file_location("agent_sft_recipe_under_test", recipe_path())
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_taken_prometheus_port_names_the_config_key_and_on_bind_error_warn_trains_on():
+    from omegaconf import OmegaConf
+
+    from agent_obs.exporters.prometheus import PortInUseError
+
+    recipe = _recipe_module()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PortInUseError) as err:
+            recipe._build_exporters(OmegaConf.create({"prometheus_port": port}))
+        message = str(err.value)
+        assert f"agent_obs.prometheus_port={port}" in message and "agent_obs.on_bind_error=warn" in message
+        assert "PrometheusExporter(" not in message
+        (prom,) = recipe._build_exporters(OmegaConf.create({"prometheus_port": port, "on_bind_error": "warn"}))
+        try:
+            assert prom.port is None  # not serving, but the run goes on
+        finally:
+            prom.close()

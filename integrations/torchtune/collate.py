@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,6 +13,13 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_packed, padd
 from agent_obs.token_class import TokenClass
 
 EXTRA_FIELDS = {"token_classes": int(TokenClass.IGNORE), "tool_ids": NO_TOOL}
+AGENT_COLLATE = "agent_obs.integrations.torchtune.collate.padded_collate_agent_sft"
+TORCHTUNE_COLLATE = "torchtune.data.padded_collate_sft"
+
+
+def default_collate(sample: Mapping[str, Any]) -> str:
+    """The collate for a config without ``collate_fn``: the agent one when samples carry ``token_classes``."""
+    return AGENT_COLLATE if "token_classes" in sample else TORCHTUNE_COLLATE
 
 
 def _pad_extra(batch: list[dict[str, Any]], seq_len: int) -> dict[str, torch.Tensor]:

@@ -8,12 +8,13 @@ row is reported with its file, line and fix instead of deep inside a data loader
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from agent_obs.integrations.torchtune.messages import MessageFormatError
+from agent_obs.integrations.torchtune.seed_config import resolve_seed_components
 from agent_obs.integrations.torchtune.transform import NO_TOOL, AgentSFTTransform
 from torch.utils.data import Dataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
@@ -44,40 +45,75 @@ def check_conversation(messages: Sequence[Any]) -> None:
         last = role
 
 
-def check_jsonl_files(data_files: str | Sequence[str], message_transform: Callable) -> None:
-    """Parse each line of local JSON Lines files and build its messages; ``DataFormatError`` at the first bad one."""
+def _lines(path: Path, where: str) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of the non-blank lines; ``DataFormatError`` names the line of bad UTF-8."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataFormatError(
+                    f"{where}: {path}:{lineno}: not valid UTF-8 (byte {exc.start + 1} of the line: "
+                    f"{raw[exc.start : exc.start + 4]!r}); re-encode the file as UTF-8 or delete that line"
+                ) from exc
+            if line.strip():
+                yield lineno, line
+
+
+def check_jsonl_files(
+    data_files: str | Sequence[str], message_transform: Callable, *, config_key: str = "dataset"
+) -> None:
+    """Parse each line of local JSON Lines files and build its messages; ``DataFormatError`` at the first bad one.
+
+    Errors start with ``config_key`` (the config section, e.g. ``dataset_val``), then file and line.
+    """
     files = [data_files] if isinstance(data_files, str | Path) else list(data_files)
     for name in files:
         path = Path(name)
         if not path.is_file():
-            raise DataFormatError(f"{path}: no such data file; check dataset.data_files (relative paths start at cwd)")
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataFormatError(
-                        f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno}); "
-                        "each line must be one complete JSON object: fix or delete that line"
-                    ) from exc
-                if not isinstance(row, dict):
-                    raise DataFormatError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-                try:
-                    check_conversation(message_transform(row)["messages"])
-                except MessageFormatError as exc:
-                    raise DataFormatError(f"{path}:{lineno}: {exc}") from exc
+            raise DataFormatError(
+                f"{config_key}.data_files: {path}: no such data file (relative paths start at {Path.cwd()}); "
+                f"set {config_key}.data_files to an existing JSON Lines file"
+            )
+        rows = 0
+        for lineno, line in _lines(path, config_key):
+            rows += 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFormatError(
+                    f"{config_key}: {path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno}); "
+                    "each line must be one complete JSON object: fix or delete that line"
+                ) from exc
+            if not isinstance(row, dict):
+                raise DataFormatError(
+                    f"{config_key}: {path}:{lineno}: expected a JSON object per line, got {type(row).__name__}"
+                )
+            try:
+                check_conversation(message_transform(row)["messages"])
+            except MessageFormatError as exc:
+                raise DataFormatError(f"{config_key}: {path}:{lineno}: {exc}") from exc
+        if not rows:
+            state = "is empty" if path.stat().st_size == 0 else "has only blank lines"
+            raise DataFormatError(
+                f"{config_key}.data_files: {path} {state}: it needs one conversation per line "
+                f'({{"messages": [...]}}); fill it or point {config_key}.data_files at your data'
+            )
 
 
 def instantiate_component(node: Mapping[str, Any]) -> Any:
-    """Build a ``{_component_: dotted.path, **kwargs}`` mapping (torchtune does not instantiate nested nodes)."""
-    from omegaconf import DictConfig, OmegaConf
+    """Build a ``{_component_: dotted.path, **kwargs}`` mapping (torchtune does not instantiate nested nodes).
+
+    The design document's path ``torchtune.data.JSONToMessages`` resolves to this project's class.
+    """
+    from omegaconf import OmegaConf
     from torchtune import config
 
     if "_component_" not in node:
         raise ValueError(f"message_transform needs a _component_ (e.g. {JSON_TO_MESSAGES}), got keys {sorted(node)}")
-    return config.instantiate(node if isinstance(node, DictConfig) else OmegaConf.create(dict(node)))
+    node = OmegaConf.create(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node))
+    resolve_seed_components(node)
+    return config.instantiate(node)
 
 
 class _AgentSampleTransform:
@@ -144,7 +180,8 @@ class AgentSFTDataset(Dataset):
     """Agent SFT data for torchtune recipes: ``SFTDataset``'s samples plus per-token classes and tool ids.
 
     ``AgentSFTDataset(tokenizer, source="json", data_files="train.jsonl",
-    message_transform=JSONToMessages(...))``; ``packed=True`` packs to ``tokenizer.max_seq_len``.
+    message_transform=JSONToMessages(...))``; ``packed=True`` packs to ``tokenizer.max_seq_len``;
+    ``config_key`` is the config section named in data errors (the recipe passes ``dataset_val``).
     """
 
     def __init__(
@@ -160,12 +197,13 @@ class AgentSFTDataset(Dataset):
         packed: bool = False,
         split_across_pack: bool = False,
         filter_fn: Callable | None = None,
+        config_key: str = "dataset",
         **load_dataset_kwargs: Any,
     ) -> None:
         if isinstance(message_transform, Mapping):  # a nested {_component_: ...} from YAML
             message_transform = instantiate_component(message_transform)
         if source == "json" and data_files is not None:
-            check_jsonl_files(data_files, message_transform)
+            check_jsonl_files(data_files, message_transform, config_key=config_key)
         model_transform = AgentSFTTransform(
             tokenizer, enable_token_classification=enable_token_classification, tool_call_format=tool_call_format
         )
@@ -180,6 +218,7 @@ class AgentSFTDataset(Dataset):
         )
         self._sft._prepare_sample = _AgentSampleTransform(message_transform, model_transform)
         self._where = f"{source} {data_files}" if data_files else source
+        self._config_key = config_key
         self.packed = packed
         self._packs = None
         if packed:
@@ -205,7 +244,7 @@ class AgentSFTDataset(Dataset):
         try:
             return self._sft[index]
         except MessageFormatError as exc:
-            raise DataFormatError(f"row {index} of {self._where}: {exc}") from exc
+            raise DataFormatError(f"{self._config_key}: row {index} of {self._where}: {exc}") from exc
 
 
 class _Rows(Dataset):
