@@ -147,3 +147,23 @@ def test_recipe_tp2_and_dp2_x_tp2_log_the_metrics_of_one_process(tmp_path):
                 elif key != "tokens_per_second_per_gpu":
                     # TP splits the matmuls (fp32 partial sums in another order): agree to fp32 roundoff
                     assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-9), (name, step, key)
+
+
+def test_tp_config_plan_covers_every_layer_of_its_model():
+    """parallelize_module only warns on a plan key that matches nothing: check the plan against the model."""
+    from fnmatch import fnmatch
+
+    from omegaconf import OmegaConf
+    from torchtune import config
+
+    cfg = OmegaConf.load(TP_CONFIG)
+    plan = config.instantiate(cfg.tensor_parallel_plan)
+    with torch.device("meta"):
+        model = config.instantiate(cfg.model)
+    names = [name for name, _ in model.named_modules()]
+    for key in plan:
+        assert any(fnmatch(name, key) for name in names), f"plan key {key!r} matches no module of {cfg.model}"
+    assert "output" in plan  # the observer's projection is parallel: its DTensor input reveals the TP group
+    tp = cfg.tensor_parallel_dim
+    assert tp == 2 and cfg.model.num_heads % tp == 0 and cfg.model.num_kv_heads % tp == 0
+    assert cfg.clip_grad_norm is None  # TP alone (no FSDP) mixes DTensor and plain grads in clip_grad_norm_
