@@ -153,6 +153,7 @@ class Observer:
         self.side_stream = side_stream
         self.max_in_flight = max_in_flight
         self.process_group = process_group
+        self._checked_mesh: object = None  # the TP mesh already checked against process_group
         self.blocks_seen = 0
         self._empty = StatsAccumulator(self.topk, num_tool_slots=self._num_tool_slots).sums
         self._engines: dict[torch.device, Engine] = {}
@@ -211,8 +212,9 @@ class Observer:
                 "pass the module that outputs the logits as attach(model, layer=...)"
             )
         mesh = tensor_parallel_mesh(output, args)
-        if mesh is not None:
+        if mesh is not None and mesh is not self._checked_mesh:
             check_replicas(mesh, self.process_group, self.projection.name)
+            self._checked_mesh = mesh
         with torch.no_grad():
             logits, labels, classes, tool_slots = block.take(full_logits(output.detach()))
             engine = self._engines.get(logits.device)
