@@ -216,7 +216,9 @@ class Observer:
             check_replicas(mesh, self.process_group, self.projection.name)
             self._checked_mesh = mesh
         with torch.no_grad():
-            logits, labels, classes, tool_slots = block.take(full_logits(output.detach()))
+            if mesh is not None:
+                output = full_logits(output.detach(), self.projection.vocab_size, self.projection.name)
+            logits, labels, classes, tool_slots = block.take(output.detach())
             engine = self._engines.get(logits.device)
             if engine is None:
                 engine = make_engine(

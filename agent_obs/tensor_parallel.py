@@ -48,10 +48,19 @@ def check_replicas(mesh: DeviceMesh, group: dist.ProcessGroup | None, layer_name
         )
 
 
-def full_logits(output: torch.Tensor) -> torch.Tensor:
+def full_logits(output: torch.Tensor, vocab_size: int | None, layer_name: str) -> torch.Tensor:
     """The whole logits of this rank's tokens: a ``DTensor`` (e.g. vocab-sharded) is gathered, exactly.
 
     Costs one all-gather over the TP mesh and the memory of the unsharded logits of this call
-    (freed after its statistics); a collective, which every TP rank's hook reaches in step.
+    (freed after its statistics); a collective, which every TP rank's hook reaches in step. A
+    plain tensor holding only this rank's vocabulary columns cannot be scored: refused.
     """
-    return output.full_tensor() if isinstance(output, DTensor) else output
+    full = output.full_tensor() if isinstance(output, DTensor) else output
+    if vocab_size is not None and full.shape[-1] != vocab_size:
+        raise ValueError(
+            f"{layer_name} returned {full.shape[-1]} of the {vocab_size} vocabulary columns (a local shard of "
+            "tensor-parallel logits): entropy and top-k need the whole row. Parallelize it with "
+            "ColwiseParallel(output_layouts=Replicate()) as torchtune's base_llama_tp_plan does "
+            "(recipes/configs/agent_sft_tp_tiny_cpu.yaml), or use_local_output=False (a DTensor, gathered exactly)"
+        )
+    return full

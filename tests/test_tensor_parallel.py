@@ -1,9 +1,10 @@
-"""Tensor parallelism: every token counted once, DTensor logits observed exactly, replicas in the reduce group refused.
+"""Tensor parallelism: tokens counted once, DTensor logits observed exactly, replicas and vocab shards refused.
 
 The unit test spawns 2 gloo ranks holding a TinyDecoder whose ``lm_head`` is ``ColwiseParallel``:
-vocab-sharded ``DTensor`` logits (``use_local_output=False``) and replicated plain logits
-(torchtune's plan). The slow test runs the torchtune recipe with TP 2 on 2 ranks and DP 2 x TP 2
-on 4 ranks and compares every logged metric with one process on the same batches.
+vocab-sharded ``DTensor`` logits (``use_local_output=False``), replicated plain logits
+(torchtune's plan) and plain local vocab shards (refused). The slow test runs the torchtune recipe
+with TP 2 on 2 ranks and DP 2 x TP 2 on 4 ranks and compares every logged metric with one process
+on the same batches.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         for name, style in (
             ("sharded", ColwiseParallel(use_local_output=False)),  # vocab-sharded DTensor logits (97 = 49 + 48)
             ("replicated", ColwiseParallel(output_layouts=Replicate())),  # torchtune's plan: plain full logits
+            ("local_shard", ColwiseParallel()),  # plain tensors of this rank's vocab columns: cannot be scored
         ):
             torch.manual_seed(0)
             model = parallelize_module(TinyDecoder(), mesh["tp"], {"lm_head": style})
@@ -93,6 +95,12 @@ def test_tensor_parallel_logits_are_observed_exactly_and_counted_once(tmp_path):
             assert isinstance(message, str), f"{name}: tokens would be counted twice without an error"
             assert "count 2 times" in message and "process_group=device_mesh['dp'].get_group()" in message
             assert "agent_sft_tp_tiny_cpu.yaml" in message
+    for result in results:  # a plain local vocab shard is refused, naming the layouts that work
+        message = result["local_shard"][0]
+        assert isinstance(message, str), "statistics of a vocab shard would be silently wrong"
+        assert "returned 49 of the 97 vocabulary columns" in message or "returned 48 of the 97" in message
+        assert "output_layouts=Replicate()" in message and "use_local_output=False" in message
+        assert "agent_sft_tp_tiny_cpu.yaml" in message
 
 
 def _free_port() -> int:
