@@ -85,20 +85,22 @@ def reduce_sums(
     slot_tools: list[tuple[int, str | None]],
     max_tools: int,
     selector: ToolSelector | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, dict[int, str]]:
     """Global ``[3 + kept tools + 1, columns]`` sums and ``{tool slot: name}`` from this rank's sums.
 
     ``sums`` rows are the class groups, then the local tool slots: ``slot_tools[i] = (tool id,
     name or None if unknown here)`` for slot ``i``; the last row is the local overflow slot.
     ``selector`` (kept across collects) picks the tools; without one, this collect's top
-    ``max_tools`` by tokens. Collective when distributed: every rank must call it.
+    ``max_tools`` by tokens. Sums over ``group`` (default: every rank); collective: every rank
+    of it must call it.
     """
     n_cls = len(CLASS_GROUPS)
     local_tokens = sums[n_cls : n_cls + len(slot_tools), COL_TOKENS].tolist()
     table = [(tid, name, tok) for (tid, name), tok in zip(slot_tools, local_tokens, strict=True)]
     tokens: Counter[int] = Counter()
     names: dict[int, str] = {}
-    for rank_table in _all_gather(table):
+    for rank_table in _all_gather(table, group):
         for tid, name, tok in rank_table:
             tokens[tid] += tok
             if name is not None:
@@ -112,30 +114,30 @@ def reduce_sums(
     local_slots = sums.shape[0] - n_cls
     rows = [target.get(slot_tools[i][0], other) if i < len(slot_tools) else other for i in range(local_slots)]
     out[n_cls:].index_add_(0, torch.tensor(rows, dtype=torch.long, device=sums.device), sums[n_cls:])
-    out = _all_reduce(out)
+    out = _all_reduce(out, group)
     tool_names = {i: names.get(tid) or tool_name(tid) for tid, i in target.items()}
     tool_names[other] = OVERFLOW_TOOL
     return out, tool_names
 
 
-def _all_gather(obj: list) -> list[list]:
+def _all_gather(obj: list, group: dist.ProcessGroup | None = None) -> list[list]:
     if not is_distributed():
         return [obj]
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
     return gathered
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks on a device the process group's backend supports."""
+def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum ``t`` over the ranks of ``group`` (default: all) on a device its backend supports."""
     if not is_distributed():
         return t
-    backend = str(dist.get_backend())
+    backend = str(dist.get_backend(group))
     if "nccl" in backend and not t.is_cuda:
         work = t.to(torch.device("cuda", torch.cuda.current_device()))
     elif t.is_cuda and "nccl" not in backend:
         work = t.cpu()
     else:
         work = t
-    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    dist.all_reduce(work, op=dist.ReduceOp.SUM, group=group)
     return work

@@ -24,6 +24,7 @@ from agent_obs.exporters.base import Exporter, close_all, export_all, limit_tool
 from agent_obs.keys import NONFINITE
 from agent_obs.metrics import check_inputs
 from agent_obs.projection import Projection, find_projection
+from agent_obs.tensor_parallel import check_replicas, full_logits, tensor_parallel_mesh
 from agent_obs.token_class import TokenClass
 from agent_obs.tools import NO_TOOL, known_tools
 
@@ -148,6 +149,7 @@ class Observer:
         max_tools: int,
         side_stream: bool,
         max_in_flight: int,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         self.model = model
         self.projection = projection
@@ -164,6 +166,8 @@ class Observer:
         limit_tools(self.exporters, max_tools)  # exporters drop series of tools it stops keeping
         self.side_stream = side_stream
         self.max_in_flight = max_in_flight
+        self.process_group = process_group
+        self._checked_mesh: object = None  # the TP mesh already checked against process_group
         self.blocks_seen = 0
         self._empty = StatsAccumulator(self.topk, num_tool_slots=self._num_tool_slots).sums
         self._engines: dict[torch.device, Engine] = {}
@@ -243,11 +247,17 @@ class Observer:
                 f"{self.projection.name} returned {type(output).__name__}, not a logits tensor: "
                 "pass the module that outputs the logits as attach(model, layer=...)"
             )
+        mesh = tensor_parallel_mesh(output, args)
+        if mesh is not None and mesh is not self._checked_mesh:
+            check_replicas(mesh, self.process_group, self.projection.name)
+            self._checked_mesh = mesh
         if output.is_cuda and self._capture_skip():
             block.captured = True
             return
         block.watch(output)
         with torch.no_grad():
+            if mesh is not None:
+                output = full_logits(output.detach(), self.projection.vocab_size, self.projection.name)
             logits, labels, classes, tool_slots = block.take(output.detach())
             engine = self._engines.get(logits.device)
             if engine is None:
@@ -409,7 +419,7 @@ class Observer:
         known = known_tools()
         slot_tools = [(tid, known.get(tid)) for tid in self._slots]
         self._slots = {}
-        sums, tool_names = reduce_sums(sums, slot_tools, self.max_tools, self._tools)
+        sums, tool_names = reduce_sums(sums, slot_tools, self.max_tools, self._tools, group=self.process_group)
         metrics = metrics_from_sums(sums.cpu(), self.topk, tool_names)
         observed = metrics.get("tokens", 0.0) + metrics[NONFINITE] > 0
         if observed and (rank() == 0 or not self.rank0_only_export):
@@ -464,6 +474,7 @@ def attach(
     max_tools: int = 16,
     side_stream: bool = True,
     max_in_flight: int = 4,
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> Observer:
     """Hook ``model``'s output projection; wrap forwards in ``obs.observe(...)``, then ``obs.collect()``.
 
@@ -472,7 +483,9 @@ def attach(
     ``rows="valid"``: the loss calls the projection on flat rows of only the valid tokens.
     ``max_tools``: distinct tool names with their own keys (the rest as ``other``).
     ``side_stream``/``max_in_flight``: the CUDA engine (statistics overlapped on a side stream,
-    at most this many chunks in flight).
+    at most this many chunks in flight). ``process_group``: the ranks ``collect()`` sums over, by default
+    all; under tensor parallelism the data-parallel group (TP ranks see the same tokens; ``DTensor``
+    logits are gathered exactly).
     """
     if not isinstance(every_n_steps, int) or every_n_steps < 1:
         raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
@@ -494,4 +507,5 @@ def attach(
         max_tools=max_tools,
         side_stream=side_stream,
         max_in_flight=max_in_flight,
+        process_group=process_group,
     )

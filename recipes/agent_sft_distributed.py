@@ -512,6 +512,7 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
                 self._model,
                 topk=_observer_topk(self._entropy_k),
                 exporters=self._exporters,
+                process_group=self._dp_group,
             )
 
     def _setup_lr_scheduler(
@@ -663,6 +664,7 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         )
         self.dp_size = device_mesh["dp"].size()
         self.dp_rank = device_mesh["dp"].get_local_rank()
+        self._dp_group = device_mesh["dp"].get_group()  # agent-obs: TP ranks see the same tokens: sum over dp only
 
         # Apply tensor parallelism to the model
         if self.tensor_parallel_dim > 1:
