@@ -8,6 +8,7 @@ torchtune owns the module name ``recipes`` (``tune run recipes/...`` would resol
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -40,6 +41,12 @@ def launch_env() -> dict[str, str]:
     return env
 
 
+def require_torchtune(command: str) -> None:
+    """The recipe and the demo need the ``torchtune`` extra; say how to install it instead of a child's traceback."""
+    if importlib.util.find_spec("torchtune") is None:
+        raise ModuleNotFoundError(f"agent-obs {command} needs torchtune: pip install 'agent-obs[torchtune]'")
+
+
 def launch_command(nproc_per_node: int, config: str | Path, overrides: list[str] = ()) -> list[str]:
     """``torchrun --standalone --nproc_per_node N <recipe file> --config CFG key=value ...`` for this Python."""
     if nproc_per_node < 1:
@@ -60,8 +67,9 @@ def launch_command(nproc_per_node: int, config: str | Path, overrides: list[str]
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        require_torchtune("run")
         cmd = launch_command(args.nproc_per_node, args.config, args.overrides)
-    except (FileNotFoundError, ValueError) as exc:
+    except (ImportError, FileNotFoundError, ValueError) as exc:
         print(f"agent-obs run: {exc}", file=sys.stderr)
         return 2
     env = launch_env()
@@ -70,6 +78,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    try:
+        require_torchtune("demo")
+    except ImportError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     from agent_obs.integrations.torchtune.demo import main
 
     return main(args)
