@@ -1,5 +1,6 @@
 # make demo: install, then run the tiny 2-rank CPU agent-SFT demo with live metrics.
 # make test: install (plus Debian's prometheus when root), then run the test suite.
+# make lint: ruff format --check and ruff check (CI runs it before the tests).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -30,7 +31,7 @@ demo: install
 test: install prometheus
 	$(PY) -m pytest -q -p no:cacheprovider
 
-lint:
+lint: install
 	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
 
 format:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agent_obs import launch, report
+from agent_obs import launch, report, resources
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     report.register(subparsers)
     launch.register(subparsers)
+    resources.register(subparsers)
     return parser
 
 

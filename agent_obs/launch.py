@@ -1,42 +1,50 @@
 """``agent-obs run`` and ``agent-obs demo``: launch the agent SFT recipe with torchrun.
 
-The recipe is started as a file because the installed torchtune owns the module name
-``recipes`` (so ``tune run recipes/...`` and ``python -m recipes...`` resolve to torchtune's).
+The recipe and its configs are package data (``agent_obs.resources``), so this works from a
+checkout and from an installed wheel alike. The recipe is started as a file because the installed
+torchtune owns the module name ``recipes`` (``tune run recipes/...`` would resolve to torchtune's).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPE = REPO_ROOT / "recipes" / "agent_sft_distributed.py"
-CONFIG_DIR = REPO_ROOT / "recipes" / "configs"
+from agent_obs.resources import config_dir, data_dir, recipe_path
 
-
-def recipe_path() -> Path:
-    """The recipe file; a clear error when the package was installed without the repository's recipes/."""
-    if not RECIPE.is_file():
-        raise FileNotFoundError(
-            f"{RECIPE} not found: agent-obs run needs the repository checkout (pip install -e .), "
-            "or call torchrun on your copy of recipes/agent_sft_distributed.py"
-        )
-    return RECIPE
+# The shipped configs read the sample data from ${oc.env:AGENT_OBS_DATA_DIR,agent_obs/data}: the launcher
+# points it at the installed sample, so a config name runs from any directory.
+DATA_DIR_ENV = "AGENT_OBS_DATA_DIR"
 
 
 def resolve_config(name: str) -> Path:
-    """A config path, or a bare name such as ``agent_sft_tiny_cpu`` from recipes/configs/."""
+    """A config path, or a bare name such as ``agent_sft_tiny_cpu`` of the shipped configs."""
     path = Path(name)
     if path.is_file():
         return path.resolve()
-    candidate = CONFIG_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    configs = config_dir()
+    candidate = configs / (name if name.endswith(".yaml") else f"{name}.yaml")
     if candidate.is_file():
         return candidate
-    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    known = ", ".join(sorted(p.stem for p in configs.glob("*.yaml")))
     raise FileNotFoundError(f"config {name!r} not found: pass a YAML path or one of: {known}")
+
+
+def launch_env() -> dict[str, str]:
+    """This process's environment plus the sample-data folder the shipped configs read (unless already set)."""
+    env = os.environ.copy()
+    env.setdefault(DATA_DIR_ENV, str(data_dir()))
+    return env
+
+
+def require_torchtune(command: str) -> None:
+    """The recipe and the demo need the ``torchtune`` extra; say how to install it instead of a child's traceback."""
+    if importlib.util.find_spec("torchtune") is None:
+        raise ModuleNotFoundError(f"agent-obs {command} needs torchtune: pip install 'agent-obs[torchtune]'")
 
 
 def launch_command(nproc_per_node: int, config: str | Path, overrides: list[str] = ()) -> list[str]:
@@ -59,15 +67,22 @@ def launch_command(nproc_per_node: int, config: str | Path, overrides: list[str]
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        require_torchtune("run")
         cmd = launch_command(args.nproc_per_node, args.config, args.overrides)
-    except (FileNotFoundError, ValueError) as exc:
+    except (ImportError, FileNotFoundError, ValueError) as exc:
         print(f"agent-obs run: {exc}", file=sys.stderr)
         return 2
-    print("+ " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=os.environ.copy())
+    env = launch_env()
+    print(f"+ {DATA_DIR_ENV}={env[DATA_DIR_ENV]} " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=env)
 
 
 def _demo(args: argparse.Namespace) -> int:
+    try:
+        require_torchtune("demo")
+    except ImportError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     from agent_obs.integrations.torchtune.demo import main
 
     return main(args)
@@ -78,10 +93,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run = subparsers.add_parser(
         "run",
         help="launch the agent SFT torchtune recipe with torchrun",
-        description="Launch recipes/agent_sft_distributed.py with torchrun (1 process, N processes, N GPUs).",
+        description="Launch the shipped recipe (recipes/agent_sft_distributed.py) with torchrun "
+        "(1 process, N processes, N GPUs).",
     )
     run.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) on this node (default 1)")
-    run.add_argument("--config", required=True, help="YAML path or a name in recipes/configs/")
+    run.add_argument("--config", required=True, help="YAML path or a shipped config name (recipes/configs/)")
     run.add_argument("overrides", nargs=argparse.REMAINDER, help="config overrides, e.g. batch_size=4")
     run.set_defaults(func=_run)
 

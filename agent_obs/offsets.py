@@ -142,18 +142,37 @@ def _unknown_id(tid: int, size: int) -> ValueError:
     return ValueError(f"token id {tid} is not in the tokenizer's vocabulary (size {size}): pass ids it produced")
 
 
-def _torchtune_spans(token_ids: Iterable[int], tokenizer) -> list[Span]:
-    """torchtune decodes each run of ordinary tokens on its own and inserts special tokens' text between runs."""
-    specials: dict[int, str] = tokenizer._special_tokens_reversed
-    decoder: dict[int, str] = tokenizer.decoder
+def byte_level_spans(
+    token_ids: Iterable[int],
+    tokenizer,
+    special: Callable[[int], str | None],
+    token_string: Callable[[int], str | None],
+    vocab_size: int,
+) -> list[Span]:
+    """Spans for a byte-level BPE described by two lookups, memoized per ``tokenizer``: ``special(id)`` is the
+    literal text of a special token (it cuts the byte stream into separately decoded runs) or None;
+    ``token_string(id)`` is an ordinary token's byte-level string, None for an unknown id."""
 
     def piece(tid: int) -> bytes:
-        s = decoder.get(tid)
+        s = token_string(tid)
         if s is None:
-            raise _unknown_id(tid, len(decoder))
+            raise _unknown_id(tid, vocab_size)
         return _byte_level_bytes(s, tid)
 
-    return _spans(token_ids, specials.get, piece, _piece_cache(tokenizer))
+    return _spans(token_ids, special, piece, _piece_cache(tokenizer))
+
+
+# Tokenizer families taught by integrations: (accepts(tokenizer), spans(token_ids, tokenizer)).
+_ADAPTERS: list[tuple[Callable[[object], bool], Callable[[list[int], object], list[Span]]]] = []
+
+
+def register_offsets_adapter(
+    accepts: Callable[[object], bool], spans: Callable[[list[int], object], list[Span]]
+) -> None:
+    """Teach ``token_offsets`` a tokenizer family; integrations register theirs when imported
+    (``agent_obs.integrations.torchtune``: torchtune's Qwen2/Qwen2.5 tokenizers)."""
+    if (accepts, spans) not in _ADAPTERS:
+        _ADAPTERS.append((accepts, spans))
 
 
 def _hf_spans(token_ids: Iterable[int], tok) -> list[Span]:
@@ -188,20 +207,23 @@ def _hf_backend(tokenizer):
     return backend if isinstance(backend, Tokenizer) else None
 
 
-def _is_torchtune_qwen2(tokenizer) -> bool:
-    return all(hasattr(tokenizer, a) for a in ("_special_tokens_reversed", "decoder", "byte_decoder", "encoder"))
-
-
 def token_offsets(token_ids: Iterable[int], tokenizer) -> list[Span]:
     """Character span ``(start, end)`` of each token in ``decode(token_ids)`` (special tokens kept).
 
-    Supports torchtune's Qwen2/Qwen2.5 tokenizers, ``tokenizers.Tokenizer`` and transformers fast
-    tokenizers with a byte-level BPE; raises TypeError for anything else.
+    Supports ``tokenizers.Tokenizer`` and transformers fast tokenizers with a byte-level BPE, and the
+    families integrations register (torchtune's Qwen2/Qwen2.5 once ``agent_obs.integrations.torchtune``
+    is imported); raises TypeError for anything else.
     """
     if hasattr(token_ids, "tolist"):
         token_ids = token_ids.tolist()
-    if _is_torchtune_qwen2(tokenizer):
-        return _torchtune_spans(token_ids, tokenizer)
+    for accepts, spans in _ADAPTERS:
+        if accepts(tokenizer):
+            return spans(token_ids, tokenizer)
+    if type(tokenizer).__module__.partition(".")[0] == "torchtune":
+        raise TypeError(
+            "token_offsets learns torchtune's tokenizers from its integration: import "
+            f"agent_obs.integrations.torchtune before passing a {type(tokenizer).__name__}"
+        )
     backend = _hf_backend(tokenizer)
     if backend is not None:
         from tokenizers import decoders

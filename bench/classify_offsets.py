@@ -20,7 +20,7 @@ from agent_obs.integrations.torchtune.assets import build_bpe_tokenizer
 
 from agent_obs import classify_tokens, find_tool_spans, token_offsets
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared/data/trajectories"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "trajectories"
 STRICT = re.compile(r"<function=[^>]+>.*?</function>", re.DOTALL)
 
 

@@ -7,20 +7,22 @@ from pathlib import Path
 
 import pytest
 
-TRAJECTORIES = Path(__file__).resolve().parents[1].parent / "shared/data/trajectories"
+TRAJECTORIES = Path(__file__).resolve().parent / "data" / "trajectories"  # real data kept in the repository
 
 
 def load_conversations(path: Path = TRAJECTORIES) -> dict[str, list[list[dict]]]:
     """Every ``*.jsonl`` file under ``path`` -> its conversations (lists of messages)."""
     files = sorted(path.glob("*.jsonl"))
     if not files:
-        raise FileNotFoundError(f"no trajectories under {path}: the shared real data is required for the tests")
+        raise FileNotFoundError(
+            f"no trajectories under {path}: the tests need the repository's tests/data/trajectories"
+        )
     return {f.name: [json.loads(line)["messages"] for line in f.open(encoding="utf-8")] for f in files}
 
 
 @pytest.fixture(scope="session")
 def trajectories() -> dict[str, list[list[dict]]]:
-    """The real SWE-agent trajectories of ../shared/data/trajectories, by file name."""
+    """The real SWE-agent trajectories of tests/data/trajectories, by file name."""
     return load_conversations()
 
 

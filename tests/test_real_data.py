@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from pathlib import Path
 
 import pytest
+from conftest import TRAJECTORIES
 from tokenizers import Tokenizer
 
 from agent_obs import TokenClass, classify_tokens, find_tool_calls, token_offsets, token_tool_ids, tool_id
 from agent_obs.tools import NO_TOOL
 
 README_REGEX = re.compile(r"<function=([^>]+)>.*?</function>", re.DOTALL)  # how the data's README counts blocks
+PARAMETER = re.compile(r"<parameter=([^>]+)>(.*?)</parameter>", re.DOTALL)
 DECLARED = re.compile(r"---- BEGIN FUNCTION #\d+: (\S+) ----")
-FILES = sorted(
-    p.name for p in (Path(__file__).resolve().parents[1].parent / "shared/data/trajectories").glob("*.jsonl")
-)
+FILES = sorted(p.name for p in TRAJECTORIES.glob("*.jsonl"))
 
 
 def check_assistant_turn(text: str, tok: Tokenizer, tt) -> str:
@@ -67,17 +66,45 @@ def test_every_assistant_turn_has_one_block_classified_exactly(file, trajectorie
     assert turns > 0
 
 
-def test_all_805_blocks_and_the_swe_agent_tool_names_are_found(trajectories):
-    calls = [
-        c
-        for convs in trajectories.values()
-        for conv in convs
-        for m in conv
-        if m["role"] == "assistant"
-        for c in find_tool_calls(m["content"])
-    ]
-    assert len(calls) == 805
-    assert {"bash", "str_replace_editor", "submit"} <= {c.name for c in calls}
+def data_card() -> dict[str, list[int]]:
+    """The table of tests/data/trajectories/README.md: file -> conversations, turns, blocks, parameterless,
+    blocks with ``<`` in a value, longest block."""
+    card = {}
+    for line in (TRAJECTORIES / "README.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0].endswith(".jsonl"):
+            card[cells[0]] = [int(c) for c in cells[1:7]]
+    return card
+
+
+def test_data_card_matches_the_files_and_the_classifier_finds_every_block(trajectories):
+    card = data_card()
+    assert sorted(card) == FILES == sorted(trajectories)
+    names = set()
+    for file, convs in trajectories.items():
+        assistant = [m["content"] for conv in convs for m in conv if m["role"] == "assistant"]
+        blocks = [b for text in assistant for b in README_REGEX.finditer(text)]
+        counts = [
+            len(convs),
+            len(assistant),
+            len(blocks),
+            sum("<parameter=" not in b[0] for b in blocks),
+            sum(any("<" in p[2] for p in PARAMETER.finditer(b[0])) for b in blocks),
+            max(len(b[0]) for b in blocks),
+        ]
+        assert counts == card[file], f"{file}: README's table says {card[file]}, the file holds {counts}"
+        calls = [c for text in assistant for c in find_tool_calls(text)]
+        assert [c.name for c in calls] == [b[1] for b in blocks]
+        names |= {c.name for c in calls}
+    assert {"bash", "str_replace_editor", "submit"} <= names
+
+
+def test_the_kept_subset_holds_the_hard_cases():
+    """Trimming the data must keep parameterless calls, '<' inside values and a block over 10 K characters."""
+    card = data_card().values()
+    assert sum(row[3] for row in card) >= 3
+    assert sum(row[4] for row in card) >= 1
+    assert max(row[5] for row in card) > 10_000
 
 
 def test_whole_conversation_regex_goes_wrong_where_per_message_does_not(trajectories):

@@ -20,7 +20,7 @@ from torchtune.models.qwen2_5 import qwen2_5_tokenizer
 from agent_obs.token_class import TokenClass
 from agent_obs.tools import tool_id
 
-TRAJECTORIES = Path(__file__).resolve().parents[1].parent / "shared/data/trajectories"
+TRAJECTORIES = Path(__file__).resolve().parent / "data" / "trajectories"
 BLOCK = re.compile(r"<function=([^>]+)>.*?</function>", re.DOTALL)
 IGNORE, REASONING, TOOL_CALL, CONTEXT = (int(c) for c in TokenClass)
 

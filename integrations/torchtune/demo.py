@@ -2,13 +2,13 @@
 
 Assets (cached under ``--cache-dir``, rebuilt when the sample data or model shape changes): a
 byte-level BPE with Qwen2.5's special tokens trained on the project's sample conversations, and
-a tiny random-init Qwen2 checkpoint. The run uses ``recipes/configs/agent_sft_tiny_cpu.yaml``.
+a tiny random-init Qwen2 checkpoint. The run uses the shipped config ``agent_sft_tiny_cpu``
+(recipes/configs/agent_sft_tiny_cpu.yaml), so the demo works from a checkout and an installed wheel.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import importlib.util
 import json
 import math
@@ -26,7 +26,9 @@ from pathlib import Path
 
 from agent_obs.integrations.torchtune.checkpoint import TinyQwen2Config, build_tiny_qwen2_checkpoint
 
-DATA_DIR = Path(str(importlib.resources.files("agent_obs.data")))  # the package's own sample trajectories
+from agent_obs.resources import data_dir
+
+DATA_DIR = data_dir()  # the package's own sample trajectories
 VOCAB_SIZE = 2048
 CONFIG_NAME = "agent_sft_tiny_cpu"
 TABLE_STATS = (
