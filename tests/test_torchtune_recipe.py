@@ -153,7 +153,10 @@ def test_launch_command_runs_the_recipe_file_with_torchrun_and_names_known_confi
     cmd = launch_command(2, "agent_sft_tiny_cpu", ["epochs=1"])
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     assert cmd[6] == str(recipe_path()) and Path(cmd[8]).name == "agent_sft_tiny_cpu.yaml" and cmd[-1] == "epochs=1"
-    with pytest.raises(FileNotFoundError, match="agent_sft_distributed, agent_sft_seed_tiny_cpu, agent_sft_tiny_cpu, agent_sft_tp_tiny_cpu"):
+    with pytest.raises(
+        FileNotFoundError,
+        match="agent_sft_distributed, agent_sft_seed_tiny_cpu, agent_sft_tiny_cpu, agent_sft_tp_tiny_cpu",
+    ):
         launch_command(1, "no_such_config")
 
 
