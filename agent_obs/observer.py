@@ -20,6 +20,7 @@ from torch import nn
 from agent_obs.accumulator import DEFAULT_TOPK, Metrics, StatsAccumulator, metrics_from_sums
 from agent_obs.distributed import rank, reduce_sums
 from agent_obs.engine import Engine, make_engine
+from agent_obs.kernel import BLOCK
 from agent_obs.exporters.base import Exporter, close_all, export_all
 from agent_obs.keys import NONFINITE
 from agent_obs.metrics import check_inputs
@@ -364,7 +365,8 @@ class Observer:
             side_stream=False,
             max_in_flight=self.max_in_flight,
         )
-        rows = 4  # >= 2: fewer rows run eagerly
+        # >= 2 rows (fewer run eagerly), and a count unlike the vocabulary dims, which dynamo would tie to it
+        rows = next(r for r in (2, 3, 4) if r not in (vocab, vocab // BLOCK))
         zeros = torch.zeros(rows, dtype=torch.long, device=device)
         engine.submit(
             torch.zeros(rows, vocab, dtype=dtype, device=device),
