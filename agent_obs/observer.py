@@ -20,8 +20,8 @@ from torch import nn
 from agent_obs.accumulator import DEFAULT_TOPK, Metrics, StatsAccumulator, metrics_from_sums
 from agent_obs.distributed import rank, reduce_sums
 from agent_obs.engine import Engine, make_engine
-from agent_obs.kernel import BLOCK
 from agent_obs.exporters.base import Exporter, close_all, export_all
+from agent_obs.kernel import BLOCK
 from agent_obs.keys import NONFINITE
 from agent_obs.metrics import check_inputs
 from agent_obs.projection import Projection, find_projection
@@ -227,9 +227,9 @@ class Observer:
             self._warn_once(
                 "inplace",
                 f"the model modified the output of {self.projection.name} in place after agent_obs read it "
-                "(e.g. logits.div_(t) or logits[..., i] = x): on CUDA the side stream may read the edited values, "
-                "so the metrics can be wrong. Use an out-of-place op (logits = logits / t) or attach(..., "
-                "side_stream=False)",
+                "(e.g. logits.div_(t) or logits[..., i] = x): inline (CPU) the metrics describe the values before "
+                "the edit, but the CUDA side stream may read either, so the metrics can be wrong. Use an "
+                "out-of-place op (logits = logits / t) or attach(..., side_stream=False)",
             )
 
     def _on_output(self, module: nn.Module, args: tuple, output: object) -> None:
