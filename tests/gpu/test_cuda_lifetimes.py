@@ -130,6 +130,12 @@ def test_graph_capture_is_skipped_with_one_warning():
     model, obs, _ = warmed_observer()
     tokens, labels, classes = make_batch(2, 64, seed=4, vocab=VOCAB)
     static = tokens.to(CUDA)
+    warm = torch.cuda.Stream()  # warm up on a side stream before capturing, as torch.cuda.graph's docs ask
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(warm):
+        for _ in range(3):
+            model(static)
+    torch.cuda.current_stream().wait_stream(warm)
     outer, inner = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     warned = pytest.warns(RuntimeWarning, match="CUDA graph capture")
     with torch.no_grad(), warned, torch.cuda.graph(outer), obs.observe(labels=labels, token_classes=classes):
