@@ -12,11 +12,13 @@ the row, and the first argmax comes from the first block attaining the row max.
 Everything is plain torch ops compiled by ``torch.compile`` (inductor): a C++/OpenMP kernel on
 CPU, Triton on GPU, from the same code, ~12 s of compile on a cold cache here. The two passes are
 separate graphs because inductor otherwise splits pass 1 into two loops (two reads of the
-logits). Every dim is marked dynamic (tokens and vocabulary), so a new number of rows or a new
-vocabulary size does not recompile: a process compiles one variant per logits dtype and set of
-given targets (plus a few vocabulary classes the guards tell apart: ``V % BLOCK == 0``, small
-vocabularies). Should dynamo still hit its recompile limit, that variant runs eagerly after one
-warning; 0/1-row calls (sizes the compiler would specialise) run eagerly. Alternatives measured and dropped:
+logits). The token dim is marked dynamic, so a new number of rows never recompiles. The first
+vocabulary is compiled static (the fastest code: a symbolic vocabulary measured ~7-10% slower on
+CPU); a second size makes dynamo recompile with the vocabulary dynamic (automatic dynamic shapes),
+and every later size of its class reuses that graph (classes: ``V % BLOCK == 0`` or not; tiny
+vocabularies add a few). So a process compiles at most three variants per logits dtype and set of
+given targets; should dynamo still hit its recompile limit, that variant runs eagerly after one
+warning. 0/1-row calls (sizes the compiler would specialise) run eagerly. Alternatives measured and dropped:
 fused masked-max rounds instead of ``torch.topk`` (slower here, +40% compile time), one graph
 (two reads), unbacked sizes and a shared ``exp`` buffer (both materialise a full-size exp(x)).
 A hand-written ``cpp_extension`` kernel would be CPU-only and a second implementation to test.
@@ -140,7 +142,8 @@ _announced: set[tuple[str, torch.dtype]] = set()  # (device type, dtype) whose c
 
 
 class Fused:
-    """``fn`` compiled with every dim of its tensor arguments dynamic; eager when compile is off or fails.
+    """``fn`` compiled with the token dim dynamic and the others dynamic once they change; eager when compile
+    is off or fails.
 
     Calls with fewer than 2 rows run eagerly (the compiler specialises sizes 0 and 1, so compiling
     them would recompile), ``AGENT_OBS_COMPILE=0`` selects eager mode, and a compile failure warns
@@ -150,7 +153,7 @@ class Fused:
 
     def __init__(self, fn: Callable[..., torch.Tensor], *, options: dict | None = None) -> None:
         self.fn = fn
-        self._compiled = torch.compile(fn, dynamic=False, options=options)
+        self._compiled = torch.compile(fn, dynamic=None, options=options)  # None: automatic dynamic on a change
         self._failed = False
         self._eager_variants: set[tuple] = set()  # variants dynamo refused to compile (recompile limit)
         functools.update_wrapper(self, fn)
@@ -168,8 +171,7 @@ class Fused:
         if variant in self._eager_variants:
             return self.fn(*args, **kwargs)
         for t in tensors:
-            for dim in range(t.dim()):
-                torch._dynamo.maybe_mark_dynamic(t, dim)
+            torch._dynamo.maybe_mark_dynamic(t, 0)
         key = (tensors[0].device.type, tensors[0].dtype)
         if key not in _announced:
             _announced.add(key)
