@@ -12,8 +12,13 @@ the row, and the first argmax comes from the first block attaining the row max.
 Everything is plain torch ops compiled by ``torch.compile`` (inductor): a C++/OpenMP kernel on
 CPU, Triton on GPU, from the same code, ~12 s of compile on a cold cache here. The two passes are
 separate graphs because inductor otherwise splits pass 1 into two loops (two reads of the
-logits). The token dim is marked dynamic, so a new number of rows never recompiles; 0/1-row
-calls (sizes the compiler would specialise) run eagerly. Alternatives measured and dropped:
+logits). The token dim is marked dynamic, so a new number of rows never recompiles. The first
+vocabulary is compiled static (the fastest code: a symbolic vocabulary measured ~7-10% slower on
+CPU); a second size makes dynamo recompile with the vocabulary dynamic (automatic dynamic shapes),
+and every later size of its class reuses that graph (classes: ``V % BLOCK == 0`` or not; tiny
+vocabularies add a few). So a process compiles at most three variants per logits dtype and set of
+given targets; should dynamo still hit its recompile limit, that variant runs eagerly after one
+warning. 0/1-row calls (sizes the compiler would specialise) run eagerly. Alternatives measured and dropped:
 fused masked-max rounds instead of ``torch.topk`` (slower here, +40% compile time), one graph
 (two reads), unbacked sizes and a shared ``exp`` buffer (both materialise a full-size exp(x)).
 A hand-written ``cpp_extension`` kernel would be CPU-only and a second implementation to test.
@@ -24,6 +29,7 @@ failure warns once), on smaller chunks (``EAGER_SPLIT``): eager ops materialise 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -38,6 +44,7 @@ COMPILED_ROWS = 4  # at most 4 chunks of rows per compiled call (see rows_per_ca
 # Pass 2 is ~5% of the work but ~10 OpenMP barriers per call; on a busy CPU each barrier can wait out a
 # scheduler slice (measured: 45-110 ms per 2048 rows with 2 threads vs 13-19 ms with 1), so its C++ runs serially.
 PASS2_OPTIONS = {"cpp.threads": 1}
+COMPILE_LOGGER = logging.getLogger("agent_obs.kernel")
 _UNDERFLOW = -200.0  # exp(-200) == 0 in fp32: clamping differences there is exact and avoids 0 * -inf
 
 
@@ -131,18 +138,24 @@ def _first_argmax(
     return torch.where(first_block == nblk, nblk * blk + tail.argmax(-1), idx)
 
 
+_announced: set[tuple[str, torch.dtype]] = set()  # (device type, dtype) whose compile was logged
+
+
 class Fused:
-    """``fn`` compiled with the leading (token) dim of its tensor arguments dynamic; eager when compile is off or fails.
+    """``fn`` compiled with the token dim dynamic and the others dynamic once they change; eager when compile
+    is off or fails.
 
     Calls with fewer than 2 rows run eagerly (the compiler specialises sizes 0 and 1, so compiling
     them would recompile), ``AGENT_OBS_COMPILE=0`` selects eager mode, and a compile failure warns
-    once and stays eager.
+    once and stays eager. A variant (dtype, device, given targets, constants) that would exceed
+    dynamo's recompile limit runs eagerly after one warning instead of dynamo's silent fallback.
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor], *, options: dict | None = None) -> None:
         self.fn = fn
-        self._compiled = torch.compile(fn, dynamic=False, options=options)
+        self._compiled = torch.compile(fn, dynamic=None, options=options)  # None: automatic dynamic on a change
         self._failed = False
+        self._eager_variants: set[tuple] = set()  # variants dynamo refused to compile (recompile limit)
         functools.update_wrapper(self, fn)
 
     @property
@@ -154,10 +167,36 @@ class Fused:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if not self.compiling or tensors[0].shape[0] < 2:
             return self.fn(*args, **kwargs)
+        variant = _variant(args)
+        if variant in self._eager_variants:
+            return self.fn(*args, **kwargs)
         for t in tensors:
             torch._dynamo.maybe_mark_dynamic(t, 0)
-        try:
-            return self._compiled(*args, **kwargs)
+        key = (tensors[0].device.type, tensors[0].dtype)
+        if key not in _announced:
+            _announced.add(key)
+            COMPILE_LOGGER.info(
+                "agent_obs: compiling the metric kernel for %s logits on %s (once per process; "
+                "obs.warmup() does it before training)",
+                key[1],
+                key[0],
+            )
+        config = torch._dynamo.config  # set directly: config.patch() costs ~0.5 ms per call
+        fail_before, config.fail_on_recompile_limit_hit = config.fail_on_recompile_limit_hit, True
+        try:  # no_grad: grad mode is guarded, so the hook's and compute_metrics' calls share one variant
+            with torch.no_grad():
+                return self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            self._eager_variants.add(variant)
+            warnings.warn(
+                f"agent_obs: torch.compile of {self.fn.__name__} reached dynamo's recompile limit "
+                f"(torch._dynamo.config.recompile_limit={torch._dynamo.config.recompile_limit}) for {variant}: "
+                "this variant runs eagerly (slower). Many logits dtypes / target combinations in one process "
+                "cause this; raise the limit if they are expected",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return self.fn(*args, **kwargs)
         except Exception as exc:  # any compiler/toolchain failure; a genuine input error re-raises from eager
             self._failed = True
             warnings.warn(
@@ -167,6 +206,13 @@ class Fused:
                 stacklevel=2,
             )
             return self.fn(*args, **kwargs)
+        finally:
+            config.fail_on_recompile_limit_hit = fail_before
+
+
+def _variant(args: tuple) -> tuple:
+    """What dynamo's guards tell apart besides sizes: device, dtypes, which tensors are given, the constants."""
+    return tuple((a.device.type, a.dtype, a.dim()) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def rows_per_call(chunk_tokens: int, vocab: int, kmax: int, compiling: bool) -> int:

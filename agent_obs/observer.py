@@ -21,6 +21,7 @@ from agent_obs.accumulator import DEFAULT_TOPK, Metrics, StatsAccumulator, metri
 from agent_obs.distributed import ToolSelector, rank, reduce_sums
 from agent_obs.engine import Engine, make_engine
 from agent_obs.exporters.base import Exporter, close_all, export_all, limit_tools
+from agent_obs.kernel import BLOCK
 from agent_obs.keys import NONFINITE
 from agent_obs.metrics import check_inputs
 from agent_obs.projection import Projection, find_projection
@@ -232,9 +233,9 @@ class Observer:
             self._warn_once(
                 "inplace",
                 f"the model modified the output of {self.projection.name} in place after agent_obs read it "
-                "(e.g. logits.div_(t) or logits[..., i] = x): on CUDA the side stream may read the edited values, "
-                "so the metrics can be wrong. Use an out-of-place op (logits = logits / t) or attach(..., "
-                "side_stream=False)",
+                "(e.g. logits.div_(t) or logits[..., i] = x): inline (CPU) the metrics describe the values before "
+                "the edit, but the CUDA side stream may read either, so the metrics can be wrong. Use an "
+                "out-of-place op (logits = logits / t) or attach(..., side_stream=False)",
             )
 
     def _on_output(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -376,7 +377,8 @@ class Observer:
             side_stream=False,
             max_in_flight=self.max_in_flight,
         )
-        rows = 4  # >= 2: fewer rows run eagerly
+        # >= 2 rows (fewer run eagerly), and a count unlike the vocabulary dims, which dynamo would tie to it
+        rows = next(r for r in (2, 3, 4) if r not in (vocab, vocab // BLOCK))
         zeros = torch.zeros(rows, dtype=torch.long, device=device)
         engine.submit(
             torch.zeros(rows, vocab, dtype=dtype, device=device),

@@ -5,7 +5,12 @@
 3. no logits kept alive: a weakref to the step's logits is dead after the step;
 4. overlap: median step-time ratios over alternating steps of a Qwen2.5-0.5B-width model (dim 896,
    vocab 151936, bf16, seq 4096, 8 output chunks, AdamW): observer on the side stream vs. the same
-   statistics inline on the training stream; the side stream must hide part of their cost.
+   statistics inline on the training stream; the side stream must hide part of their cost;
+5. warmup: seconds ``obs.warmup()`` takes to compile the Triton kernel (bf16, vocab 151936), and the
+   first observed step after it compiles nothing;
+6. peak memory: ``max_memory_allocated`` of a training step with vs. without the observer, for
+   ``max_in_flight`` 1 and 4, against the documented bound (``max_in_flight`` logits chunks + the
+   kernel's 64 MiB working set) + 64 MiB.
 
 Prints a PASS/FAIL line per check and exits 1 if any failed.  ``python bench/gpu_check.py [--pairs 10]``
 """
@@ -22,11 +27,16 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 
 import agent_obs
 from agent_obs import attach, compute_metrics
 
 CUDA = torch.device("cuda")
+MiB = 2**20
+VOCAB = 151936
+KERNEL_WORKING_SET = 64 * MiB  # agent_obs.accumulator.DEFAULT_CHUNK_BYTES
+CHUNKS = 8
 
 
 class Block(nn.Module):
@@ -116,9 +126,9 @@ def check_equality() -> tuple[bool, str]:
 
 def make_training(seq: int, layers: int):
     torch.manual_seed(0)
-    model = Decoder(151936, 896, layers, 14, 2, 4864, chunks=8).to(CUDA, torch.bfloat16)
+    model = Decoder(VOCAB, 896, layers, 14, 2, 4864, chunks=CHUNKS).to(CUDA, torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True, capturable=True)  # no .item()
-    tokens, labels, classes = batch(seq, 151936, seed=3)
+    tokens, labels, classes = batch(seq, VOCAB, seed=3)
     return model, optimizer, tokens.to(CUDA), labels.to(CUDA), classes.to(CUDA)
 
 
@@ -204,6 +214,57 @@ def check_overlap(seq: int, layers: int, pairs: int) -> tuple[bool, str, list[st
     return hidden, f"side stream {ratio['side stream']:.4f} < inline {ratio['inline']:.4f}", lines
 
 
+def check_warmup(seq: int, layers: int) -> tuple[bool, str]:
+    """obs.warmup() compiles ahead (timed); the first observed training step then compiles nothing."""
+    model, optimizer, tokens, labels, classes = make_training(seq, layers)
+    obs = attach(model)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    obs.warmup(dtype=torch.bfloat16, tool_ids=False)  # train_step passes labels and classes, no tool ids
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    graphs = counters["stats"]["unique_graphs"]
+    train_step(model, optimizer, tokens, labels, classes, obs)
+    new = counters["stats"]["unique_graphs"] - graphs
+    obs.collect()
+    obs.detach()
+    return new == 0, f"warmup() {seconds:.1f} s (bf16, vocab {VOCAB}); first observed step compiled {new} graphs"
+
+
+def check_peak_memory(seq: int, layers: int) -> list[tuple[str, bool, str]]:
+    """Extra peak allocated memory of an observed training step vs. the documented in-flight bound."""
+    model, optimizer, tokens, labels, classes = make_training(seq, layers)
+    chunk_bytes = tokens.shape[0] * (seq // CHUNKS) * VOCAB * 2  # one bf16 logits chunk
+
+    def peak(obs) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        train_step(model, optimizer, tokens, labels, classes, obs)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    results = []
+    for max_in_flight in (1, 4):
+        obs = attach(model, max_in_flight=max_in_flight)
+        peak(obs)  # warm-up
+        peak(None)
+        without = min(peak(None) for _ in range(3))
+        with_obs = min(peak(obs) for _ in range(3))
+        obs.collect()
+        obs.detach()
+        extra, bound = with_obs - without, max_in_flight * chunk_bytes + KERNEL_WORKING_SET
+        results.append(
+            (
+                f"peak memory, max_in_flight={max_in_flight}",
+                extra <= bound + 64 * MiB,
+                f"without {without / MiB:.0f} MiB, with {with_obs / MiB:.0f} MiB: extra {extra / MiB:+.0f} MiB; "
+                f"bound {bound / MiB:.0f} MiB ({max_in_flight} x {chunk_bytes / MiB:.0f} MiB chunk + 64 MiB) + 64 MiB",
+            )
+        )
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=10)
@@ -215,9 +276,12 @@ def main() -> int:
         return 1
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, agent_obs {agent_obs.__version__}")
     results: list[tuple[str, bool, str]] = []
+    ok, detail = check_warmup(args.seq, args.layers)  # first: nothing compiled yet in this process
+    results.append(("warmup() compiles ahead", ok, detail))
     ok, detail = check_equality()
     results.append(("CUDA metrics == CPU reference", ok, detail))
     results += check_no_sync_and_freed(args.seq, args.layers)
+    results += check_peak_memory(args.seq, args.layers)
     ok, detail, lines = check_overlap(args.seq, args.layers, args.pairs)
     results.append(("side-stream overlap visible in timings", ok, detail))
     print("\n".join(lines))
