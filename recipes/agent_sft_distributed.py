@@ -513,6 +513,7 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
                 topk=_observer_topk(self._entropy_k),
                 exporters=self._exporters,
                 process_group=self._dp_group,
+                max_in_flight=(cfg.get("agent_obs", None) or {}).get("max_in_flight", 4),
             )
 
     def _setup_lr_scheduler(
@@ -1066,9 +1067,9 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
             self._warn_no_classes()
         classes = tools = None
         if self._enable_token_classification and token_classes is not None:
-            classes = _shift(token_classes.to(self._device), int(TokenClass.IGNORE))
+            classes = _shift(token_classes, int(TokenClass.IGNORE))  # host: the observer maps tool slots first
             if tool_ids is not None:
-                tools = _shift(tool_ids.to(self._device), -1)
+                tools = _shift(tool_ids, -1)
         return self._observer.observe(labels=labels, token_classes=classes, tool_ids=tools)
 
     def _warn_no_classes(self) -> None:
