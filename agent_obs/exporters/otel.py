@@ -265,7 +265,7 @@ class OTelExporter:
             return False
         sent = self._sender.successes if self._sender is not None else 0
         done, ok = _within(lambda: self.provider.force_flush(timeout_millis=timeout_s * 1000), timeout_s)
-        delivered = done and bool(ok) and (self._sender is None or self._sender.successes > sent)
+        delivered = done and bool(ok) and (not self._must_deliver() or self._sender.successes > sent)
         if not delivered:
             self._reporter.report("flush", f"force_flush delivered nothing within {timeout_s} s")
         return delivered
@@ -278,8 +278,12 @@ class OTelExporter:
         timeout_s = self.close_timeout_s if timeout_s is None else timeout_s
         sent = self._sender.successes if self._sender is not None else 0
         done, _ = _within(lambda: self._reporter.call("close", self.provider.shutdown, timeout_s * 1000), timeout_s)
-        if not done or (self._sender is not None and self._sender.successes == sent):
+        if not done or (self._must_deliver() and self._sender.successes == sent):
             self._reporter.report("close", f"the final export was not delivered within {timeout_s} s")
+
+    def _must_deliver(self) -> bool:
+        """Whether a flush has something to send to our OTLP exporter (a user's reader reports nothing back)."""
+        return self._sender is not None and not self._state.empty()
 
 
 def _close_at_exit(ref: weakref.ref) -> None:
