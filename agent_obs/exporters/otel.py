@@ -176,7 +176,10 @@ def _within(fn: Callable[[], T], timeout_s: float) -> tuple[bool, T | None]:
     """
     box: list = []
     thread = threading.Thread(target=lambda: box.append(fn()), name="agent-obs-otel-wait", daemon=True)
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError:  # no new threads late in interpreter shutdown: the SDK's own deadline applies
+        return True, fn()
     thread.join(max(0.0, timeout_s))
     return (True, box[0]) if box else (False, None)
 
@@ -237,7 +240,10 @@ class OTelExporter:
     def _hook_collect(self, reader: MetricReader) -> None:
         collect = getattr(reader, "_collect", None)
         if collect is None or not hasattr(reader, "_set_collect_callback"):
-            raise RuntimeError("this opentelemetry-sdk has no reader collect hook: install opentelemetry-sdk>=1.26")
+            raise RuntimeError(
+                "this opentelemetry-sdk has no MetricReader._set_collect_callback: install the version in "
+                "constraints.txt (opentelemetry-sdk==1.45.2)"
+            )
 
         def collect_with_state(r, *args, **kwargs):
             data = collect(r, *args, **kwargs)
