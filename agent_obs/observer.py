@@ -483,7 +483,7 @@ def attach(
     ``layer``: the projection (module, dotted name or torchtune ``TiedLinear``), found by name
     or vocabulary size when None. ``shift_labels``: labels are unshifted (Hugging Face style).
     ``rows="valid"``: the loss calls the projection on flat rows of only the valid tokens.
-    ``max_tools``: distinct tool names with their own keys (the rest as ``other``).
+    ``max_tools``: distinct tool names with their own keys (the rest as ``_other``).
     ``side_stream``/``max_in_flight``: the CUDA engine (statistics overlapped on a side stream,
     at most this many chunks in flight). ``process_group``: the ranks ``collect()`` sums over, by default
     all; under tensor parallelism the data-parallel group (TP ranks see the same tokens; ``DTensor``

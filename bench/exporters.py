@@ -66,6 +66,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def hung_port() -> tuple[socket.socket, int]:
+    """A port whose connections complete (kernel backlog) and are never answered: a hung backend."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    return sock, sock.getsockname()[1]
+
+
 def time_exports(exporter, metrics, calls: int) -> list[float]:
     out = []
     for step in range(calls):
@@ -100,6 +108,7 @@ def main() -> None:
     base = collect_time(args.calls)
     tmp = Path(tempfile.mkdtemp())
     slow, refusing = http_server(200, 2.0), http_server(500, 0.0)
+    hung, hung_port_ = hung_port()
 
     prom = PrometheusExporter(port=0)
     stop = threading.Event()
@@ -115,6 +124,14 @@ def main() -> None:
         (
             "prometheus + unreachable pushgateway",
             PrometheusExporter(port=None, push_gateway=f"http://127.0.0.1:{free_port()}"),
+        ),
+        (
+            "prometheus + hung pushgateway",
+            PrometheusExporter(port=None, push_gateway=f"http://127.0.0.1:{hung_port_}", push_timeout_s=2.0),
+        ),
+        (
+            "otel, collector hung (never answers)",
+            OTelExporter(endpoint=f"http://127.0.0.1:{hung_port_}/v1/metrics", export_interval_s=0.05),
         ),
         (
             "otel, collector slow (2 s/request)",
@@ -144,10 +161,16 @@ def main() -> None:
         print(f"{name:45s} {med * 1e6:10.0f} {p99 * 1e6:10.0f} {worst * 1e6:10.0f} {med / base:15.2f}")
     stop.set()
     scrape_thread.join()
-    for _, exporter in cases:
+    for name, exporter in cases:
+        if isinstance(exporter, OTelExporter):
+            t0 = time.perf_counter()
+            ok = exporter.force_flush(timeout_s=1.0)
+            print(f"force_flush(1 s) {name:40s} {time.perf_counter() - t0:6.2f} s delivered={ok}")
+    for name, exporter in cases:
         t0 = time.perf_counter()
-        exporter.close(*(() if not isinstance(exporter, OTelExporter) else (2.0,)))
-        print(f"close {type(exporter).__name__:20s} {time.perf_counter() - t0:6.2f} s")
+        exporter.close(*(() if not isinstance(exporter, OTelExporter) else (2.0,)))  # bound: 2 s or push_timeout_s
+        print(f"close {name:45s} {time.perf_counter() - t0:6.2f} s")
+    hung.close()
     slow.shutdown()
     refusing.shutdown()
 

@@ -326,7 +326,7 @@ def build() -> dict:
             tool_panel(
                 "Entropy per tool",
                 "Mean entropy (nats) of the tokens inside each tool's calls (agent_obs_tool_entropy_nats); "
-                "rare tools beyond the cap are grouped as 'other'.",
+                "rare tools beyond the cap are grouped as '_other'.",
                 NATS,
                 "agent_obs_tool_entropy_nats",
             )

@@ -7,8 +7,12 @@ and a full disk (``/dev/full``). Bounds asserted are the ones README's exporter 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from exporter_cases import sample_metrics
@@ -88,6 +92,35 @@ def test_otlp_default_close_at_the_end_of_a_run_is_bounded_by_the_documented_num
         exp.export(METRICS[0], step=1, split="train")
         elapsed, _ = timed(exp.close)
     assert elapsed <= DEFAULT_CLOSE_TIMEOUT_S + SLACK_S, f"close() took {elapsed:.2f} s"
+
+
+def test_a_process_that_never_closes_its_otel_exporter_exits_within_the_close_bound():
+    """The exit hook closes with ``close_timeout_s``: a hung collector does not hold the end of a run.
+
+    Timed from the script's end to the last exit handler (registered first, so it runs last),
+    leaving out the interpreter's own teardown.
+    """
+    script = (
+        "import atexit, sys, time\n"
+        "atexit.register(lambda: print(time.monotonic(), flush=True))\n"
+        "from exporter_cases import sample_metrics\n"
+        "from agent_obs.exporters import OTelExporter\n"
+        "exp = OTelExporter(endpoint=sys.argv[1], export_interval_s=3600, close_timeout_s=1.0)\n"
+        "exp.export(sample_metrics(0), step=1, split='train')\n"
+        "print(time.monotonic(), flush=True)\n"
+    )
+    with SilentServer() as server:
+        proc = subprocess.run(
+            [sys.executable, "-c", script, f"{server.url}/v1/metrics"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "AGENT_OBS_COMPILE": "0"},
+        )
+    assert proc.returncode == 0, proc.stderr
+    ended, exited = (float(t) for t in proc.stdout.split())
+    assert exited - ended <= 1.0 + SLACK_S, f"the exit handlers took {exited - ended:.2f} s"
 
 
 def test_otlp_force_flush_reports_success_only_when_delivered():

@@ -78,19 +78,20 @@ def test_no_tool_name_sanitizes_to_the_overflow_name_and_its_keys_parse(name):
     assert parsed is not None and parsed.tool == OVERFLOW_TOOL and parsed.k == 5
 
 
-def test_prometheus_tool_labels_stay_within_max_tools_plus_one_over_many_collects():
+@pytest.mark.parametrize("max_tools", [4, 16])
+def test_prometheus_tool_labels_stay_within_max_tools_plus_one_over_many_collects(max_tools):
     """20 tools per collect drawn from 400 names (before: 17, 177, then 321 tool labels after 21 collects)."""
     rng = random.Random(0)
     model = TinyLM(VOCAB)
     exp = PrometheusExporter(port=0, run="cap")
     seen_sets = []
-    with attach(model, layer="lm_head", max_tools=4, exporters=[exp]) as obs:
+    with attach(model, layer="lm_head", max_tools=max_tools, exporters=[exp]) as obs:
         for step in range(21):
             tools = {name: rng.randint(1, 6) for name in rng.sample(NAMES, 20)}
             got = observe_tools(obs, model, tools, seed=step)
             assert sum(per_tool_tokens(got).values()) == got["tool_call_tokens"] == sum(tools.values())
             scraped = scraped_tools(exp.url)
-            assert len(scraped) <= 4 + 1, (step, sorted(scraped))
+            assert len(scraped) <= max_tools + 1, (step, sorted(scraped))
             seen_sets.append(scraped)
         with urllib.request.urlopen(exp.url, timeout=5) as resp:
             check = promtool_check_metrics(resp.read().decode())

@@ -176,7 +176,10 @@ def _within(fn: Callable[[], T], timeout_s: float) -> tuple[bool, T | None]:
     """
     box: list = []
     thread = threading.Thread(target=lambda: box.append(fn()), name="agent-obs-otel-wait", daemon=True)
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError:  # no new threads late in interpreter shutdown: the SDK's own deadline applies
+        return True, fn()
     thread.join(max(0.0, timeout_s))
     return (True, box[0]) if box else (False, None)
 
@@ -237,7 +240,10 @@ class OTelExporter:
     def _hook_collect(self, reader: MetricReader) -> None:
         collect = getattr(reader, "_collect", None)
         if collect is None or not hasattr(reader, "_set_collect_callback"):
-            raise RuntimeError("this opentelemetry-sdk has no reader collect hook: install opentelemetry-sdk>=1.26")
+            raise RuntimeError(
+                "this opentelemetry-sdk has no MetricReader._set_collect_callback: install the version in "
+                "constraints.txt (opentelemetry-sdk==1.45.2)"
+            )
 
         def collect_with_state(r, *args, **kwargs):
             data = collect(r, *args, **kwargs)
@@ -265,7 +271,7 @@ class OTelExporter:
             return False
         sent = self._sender.successes if self._sender is not None else 0
         done, ok = _within(lambda: self.provider.force_flush(timeout_millis=timeout_s * 1000), timeout_s)
-        delivered = done and bool(ok) and (self._sender is None or self._sender.successes > sent)
+        delivered = done and bool(ok) and (not self._must_deliver() or self._sender.successes > sent)
         if not delivered:
             self._reporter.report("flush", f"force_flush delivered nothing within {timeout_s} s")
         return delivered
@@ -278,8 +284,12 @@ class OTelExporter:
         timeout_s = self.close_timeout_s if timeout_s is None else timeout_s
         sent = self._sender.successes if self._sender is not None else 0
         done, _ = _within(lambda: self._reporter.call("close", self.provider.shutdown, timeout_s * 1000), timeout_s)
-        if not done or (self._sender is not None and self._sender.successes == sent):
+        if not done or (self._must_deliver() and self._sender.successes == sent):
             self._reporter.report("close", f"the final export was not delivered within {timeout_s} s")
+
+    def _must_deliver(self) -> bool:
+        """Whether a flush has something to send to our OTLP exporter (a user's reader reports nothing back)."""
+        return self._sender is not None and not self._state.empty()
 
 
 def _close_at_exit(ref: weakref.ref) -> None:

@@ -133,6 +133,11 @@ class SeriesState:
                 self.edges,
             )
 
+    def empty(self) -> bool:
+        """True until the first export recorded something (then there is data to deliver)."""
+        with self.lock:
+            return not (self.gauges or self.counters or self.hists)
+
     def tool_labels(self) -> set[str]:
         """The tool label values the series hold now (for tests and the load probe)."""
         with self.lock:
