@@ -1,0 +1,238 @@
+"""GRPOObsCallback in TRL's GRPOTrainer, and ``agent-obs demo --rl``.
+
+The demo (short form: a tiny Qwen2 learns the tool-call format by SFT, then GRPO) runs once per
+module; its logs give the peer-agreement test (TRL's own ``entropy``) and its policy the float64
+reference run. References are independent: hooks record every fused forward of the policy and of
+the reference model; the completions are classified from prefix decodes and the block regex; the
+metrics are recomputed in float64 from ``hidden @ lm_head.weight / temperature``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+
+import datasets
+import pytest
+import torch
+import transformers
+import trl
+from agent_obs.integrations.transformers import GRPOObsCallback, classify_completion, grpo_demo
+from agent_obs.integrations.transformers.grpo import sampled_key
+from test_transformers import reference_metrics
+
+from agent_obs import TokenClass, tool_id
+from agent_obs.cli import main as cli_main
+from agent_obs.exporters.jsonl import JsonlExporter
+from agent_obs.keys import sanitize_tool_name
+
+OPEN_BLOCK = re.compile(r"<function=([^>]+)>.*?(?:</function>|\Z)", re.DOTALL)  # non-strict: unclosed runs to the end
+SFT_STEPS, GRPO_STEPS = 60, 3
+RENAMED = {"perplexity": "sampled_perplexity", "accuracy": "sampled_argmax_rate"}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """``agent-obs demo --rl`` in short form: its printed output and its output folder."""
+    cache = tmp_path_factory.mktemp("rl_demo")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli_main(
+            ["demo", "--rl", "--cache-dir", str(cache), "--sft-steps", str(SFT_STEPS), "--grpo-steps", str(GRPO_STEPS)]
+        )
+    assert rc == 0, out.getvalue()
+    return out.getvalue(), cache / "rl"
+
+
+def test_demo_prints_the_per_class_table_and_agrees_with_trl_entropy(demo):
+    """Every logged GRPO step: train_entropy equals TRL's own entropy (within 2e-3) and train_tokens
+    equals TRL's completion-token count; per-class keys are logged, perplexity/accuracy under their
+    sampled-token names; exporters got the same numbers under split rl_train."""
+    printed, out = demo
+    history = json.loads((out / "grpo_logs.json").read_text())
+    logs = [h for h in history if "entropy" in h]
+    assert len(logs) == GRPO_STEPS
+    for log in logs:
+        assert log["train_entropy"] == pytest.approx(log["entropy"], abs=2e-3)
+        assert log["train_tokens"] == pytest.approx(log["completions/mean_length"] * 8)  # 8 completions a step
+        assert {"train_reasoning_entropy", "train_sampled_perplexity", "train_sampled_argmax_rate"} <= set(log)
+        assert not {"train_perplexity", "train_accuracy", "train_reasoning_accuracy"} & set(log)
+    records = [json.loads(line) for line in (out / "agent_obs.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in records] == ["rl_train"] * GRPO_STEPS
+    assert [r["entropy"] for r in records] == pytest.approx([h["train_entropy"] for h in logs], rel=1e-9)
+    assert "GRPO completions per token class" in printed
+    for row in ("all", "reasoning", "tool_call"):
+        assert re.search(rf"^{logs[-1]['step']}\s+{row}\s", printed, re.MULTILINE), row
+    assert (out / "policy" / "config.json").is_file()
+
+
+# ---- the float64 reference ----------------------------------------------------------------------
+class ForwardRecorder:
+    """Every fused forward of a model: grad mode, TRL's labels and float64 logits at the sampling temperature."""
+
+    def __init__(self, model, temperature: float) -> None:
+        self.records: list[dict] = []
+        self.temperature = temperature
+        self.model = model
+        model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        model.model.register_forward_hook(self._hidden)
+
+    def _pre(self, module, args, kwargs):
+        if kwargs.get("fused_lm_head"):
+            self.records.append({"grad": torch.is_grad_enabled(), "labels": kwargs["labels"].clone()})
+
+    def _hidden(self, module, args, output):
+        if self.records and "logits" not in self.records[-1]:
+            weight = self.model.lm_head.weight.detach().double()
+            self.records[-1]["logits"] = output.last_hidden_state.detach().double() @ weight.T / self.temperature
+
+
+def reference_classes(tok, ids: list[int]) -> tuple[list[int], list[int], dict[int, str]]:
+    """Classes/tool ids of one completion from prefix decodes (character offsets) and ``OPEN_BLOCK``."""
+    specials = {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    text = tok.decode(ids, skip_special_tokens=True)
+    blocks = [(m.start(), m.end(), m[1]) for m in OPEN_BLOCK.finditer(text)]
+    classes, tools, names = [], [], {}
+    for i, token in enumerate(ids):
+        start = len(tok.decode(ids[:i], skip_special_tokens=True))
+        end = len(tok.decode(ids[: i + 1], skip_special_tokens=True))
+        hit = [b for b in blocks if start < b[1] and end > b[0]]
+        if token in specials:
+            classes.append(TokenClass.CONTEXT)  # counted overall only, as TRL's entropy counts the EOS
+            tools.append(-1)
+        elif hit:
+            classes.append(TokenClass.TOOL_CALL)
+            tools.append(tool_id(hit[0][2]))
+            names[tool_id(hit[0][2])] = sanitize_tool_name(hit[0][2])
+        else:
+            classes.append(TokenClass.REASONING)
+            tools.append(-1)
+    return [int(c) for c in classes], tools, names
+
+
+def reference_rows(tok, records: list[dict]) -> tuple[tuple[torch.Tensor, ...], dict[int, str]]:
+    """Flat rows (logits of position t, token t + 1, its class and tool) of the completion tokens."""
+    parts, names = [], {}
+    for r in records:
+        labels = r["labels"][:, 1:]
+        for b in range(labels.shape[0]):
+            pos = (labels[b] != -100).nonzero().flatten()
+            ids = labels[b, pos].tolist()
+            classes, tools, found = reference_classes(tok, ids)
+            names |= found
+            parts.append((r["logits"][b, pos], labels[b, pos], torch.tensor(classes), torch.tensor(tools)))
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True)), names
+
+
+def test_grpo_metrics_equal_float64_reference_once_per_optimisation_step(demo, tmp_path):
+    """num_iterations=2, gradient accumulation 2, beta > 0, temperature 0.7: each logged step equals float64
+    metrics of its 2 training forwards only (not the old-policy nor the reference-model forwards, which
+    also run); the same completions are counted again in the second optimisation step over them."""
+    _, out = demo
+    tok = transformers.AutoTokenizer.from_pretrained(out / "policy")
+    policy = transformers.AutoModelForCausalLM.from_pretrained(out / "policy")
+    temperature = 0.7
+    config = trl.GRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_generations=4,
+        num_iterations=2,
+        beta=0.04,
+        temperature=temperature,
+        max_completion_length=40,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        bf16=False,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=1,
+    )
+    trainer = trl.GRPOTrainer(
+        model=policy,
+        reward_funcs=grpo_demo.tool_call_reward,
+        args=config,
+        train_dataset=datasets.Dataset.from_list(grpo_demo.grpo_prompts(grpo_demo.load_conversations())),
+        processing_class=tok,
+    )
+    recorder = ForwardRecorder(trainer.model, temperature)
+    reference_calls = []
+    trainer.ref_model.register_forward_pre_hook(lambda m, a, k: reference_calls.append(1), with_kwargs=True)
+    jsonl = tmp_path / "m.jsonl"
+    GRPOObsCallback.install(trainer, exporters=[JsonlExporter(jsonl)])
+    trainer.train()
+
+    logs = [h for h in trainer.state.log_history if "entropy" in h]
+    training = [r for r in recorder.records if r["grad"]]
+    old_policy = [r for r in recorder.records if not r["grad"]]
+    assert len(logs) == 2 and len(training) == 4  # 2 optimisation steps x 2 micro-batches
+    assert len(old_policy) == 2 and len(reference_calls) == 2  # ran, over the same 8 completions, uncounted
+    seen_tool = False
+    for log, step in zip(logs, (training[:2], training[2:]), strict=True):
+        rows, names = reference_rows(tok, step)
+        expected = {_renamed(k): v for k, v in reference_metrics(*rows, names=names).items()}
+        got = {
+            k[len("train_") :]: v for k, v in log.items() if k.startswith("train_") and k != "train_nonfinite_tokens"
+        }
+        assert set(got) == set(expected), sorted(set(got) ^ set(expected))
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+        seen_tool |= "tool_call_tokens" in got
+    assert logs[0]["train_tokens"] == logs[1]["train_tokens"]  # the same completions, once per optimisation step
+    assert seen_tool, "the SFT'd policy wrote no tool call: the per-tool path went untested"
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["tokens"] for r in records] == [h["train_tokens"] for h in logs]
+
+
+def _renamed(key: str) -> str:
+    for stat, name in RENAMED.items():
+        if key.endswith(stat):
+            return key[: -len(stat)] + name
+    return key
+
+
+# ---- classification and naming -----------------------------------------------------------------
+def test_classify_completion_matches_offsets_of_real_assistant_turns(tmp_path):
+    """Real assistant turns of the sample data, tokenized: classes/tool ids from per-token pieces equal
+    those from the tokenizer's character offsets and the block regex; a special token is IGNORE."""
+    tok = grpo_demo.build_tokenizer(tmp_path)
+    turns = [m["content"] for conv in grpo_demo.load_conversations("val") for m in conv if m["role"] == "assistant"]
+    assert len(turns) > 20
+    for content in turns:
+        enc = tok(content, add_special_tokens=False, return_offsets_mapping=True)
+        ids = [*enc["input_ids"], tok.eos_token_id]
+        blocks = [(m.start(), m.end(), m[1]) for m in OPEN_BLOCK.finditer(content)]
+        expected_cls, expected_tools = [], []
+        for s, e in enc["offset_mapping"]:
+            hit = [b for b in blocks if s < b[1] and e > b[0]]
+            expected_cls.append(TokenClass.TOOL_CALL if hit else TokenClass.REASONING)
+            expected_tools.append(tool_id(hit[0][2]) if hit else -1)
+        pieces = tok.batch_decode([[i] for i in ids], skip_special_tokens=True)
+        classes, tools = classify_completion(pieces)
+        assert classes == [*expected_cls, TokenClass.IGNORE]
+        assert tools == [*expected_tools, -1]
+
+
+def test_sampled_key_renames_only_perplexity_and_accuracy():
+    assert sampled_key("perplexity") == "sampled_perplexity"
+    assert sampled_key("tool_call.bash_accuracy") == "tool_call.bash_sampled_argmax_rate"
+    assert sampled_key("reasoning_entropy") == "reasoning_entropy"
+    assert sampled_key("top5_prob") == "top5_prob"
+    assert sampled_key("nonfinite_tokens") == "nonfinite_tokens"
+
+
+def test_install_on_a_plain_trainer_names_the_sft_callback(tmp_path):
+    model = transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = transformers.Trainer(model=model, args=args)
+    with pytest.raises(TypeError, match=r"AgentObsCallback\.install"):
+        GRPOObsCallback.install(trainer)
