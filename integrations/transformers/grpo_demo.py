@@ -129,6 +129,7 @@ def run_sft(model, tok, out_dir: Path, steps: int, seed: int = 0) -> dict:
         train_dataset=datasets.Dataset.from_list(sft_examples(load_conversations())),
         data_collator=AgentChatCollator(tok, max_length=256),
     )
+    trainer.remove_callback(transformers.PrinterCallback)  # the demo prints its own summary
     callback = AgentObsCallback.install(trainer)
     trainer.train()
     callback.detach()
@@ -138,6 +139,7 @@ def run_sft(model, tok, out_dir: Path, steps: int, seed: int = 0) -> dict:
 def run_grpo(model, tok, out_dir: Path, steps: int, *, exporters=(), seed: int = 0, **config):
     """GRPO steps with ``tool_call_reward`` and ``GRPOObsCallback``; ``config`` overrides the GRPOConfig."""
     import datasets
+    import transformers
     import trl
     from agent_obs.integrations.transformers import GRPOObsCallback
 
@@ -157,6 +159,7 @@ def run_grpo(model, tok, out_dir: Path, steps: int, *, exporters=(), seed: int =
         train_dataset=datasets.Dataset.from_list(grpo_prompts(load_conversations())),
         processing_class=tok,
     )
+    trainer.remove_callback(transformers.PrinterCallback)
     GRPOObsCallback.install(trainer, exporters=exporters)
     trainer.train()
     return trainer
