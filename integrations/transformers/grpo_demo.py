@@ -147,6 +147,7 @@ def run_grpo(model, tok, out_dir: Path, steps: int, *, exporters=(), seed: int =
         per_device_train_batch_size=8,
         num_generations=4,
         max_completion_length=48,
+        gradient_checkpointing=False,  # TRL's default re-runs the layers in backward: slower on a tiny model
         learning_rate=1e-3,
         logging_steps=1,
         bf16=False,
