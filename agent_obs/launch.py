@@ -106,6 +106,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="instead: a tiny Qwen2 policy on CPU, SFT then GRPO (TRL), with per-class metrics of its completions",
     )
-    demo.add_argument("--sft-steps", type=int, default=100, help="--rl: SFT steps before GRPO (default 100)")
+    demo.add_argument("--sft-steps", type=int, default=80, help="--rl: SFT steps before GRPO (default 80)")
     demo.add_argument("--grpo-steps", type=int, default=8, help="--rl: GRPO steps (default 8)")
     demo.set_defaults(func=_demo)

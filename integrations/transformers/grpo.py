@@ -189,7 +189,8 @@ class GRPOObsCallback(TrainerCallback):
             handle.remove()
         if self.trainer is not None:
             self.trainer.compute_loss = self._original_compute_loss
-        self.observers["eval"].exporters = []
+        if "eval" in self.observers:
+            self.observers["eval"].exporters = []
         for obs in self.observers.values():
             obs.detach()
         self._handles, self.observers, self.trainer = [], {}, None
@@ -266,9 +267,6 @@ class GRPOObsCallback(TrainerCallback):
         metrics = obs.collect(split=EXPORT_SPLIT.format(prefix), step=state.global_step)
         if metrics.get("tokens"):
             merge_into_logs(logs, state, {f"{prefix}_{sampled_key(k)}": float(v) for k, v in metrics.items()})
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._pending, self._hidden = None, None
 
 
 def _runs(mask: torch.Tensor) -> list[slice]:
