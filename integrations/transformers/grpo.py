@@ -143,6 +143,9 @@ class GRPOObsCallback(TrainerCallback):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
         head = find_projection(inner).module
+        backbone = getattr(inner, "base_model", None)
+        if not isinstance(backbone, nn.Module) or backbone is inner:
+            raise TypeError(f"{type(inner).__name__} has no separate backbone (base_model) whose hidden states to hook")
         self.head = SampledHead(
             head,
             float(trainer.temperature),
@@ -160,9 +163,6 @@ class GRPOObsCallback(TrainerCallback):
                 **self.attach_kwargs,
             )
         self.observers["eval"].exporters = list(self.exporters)  # shared: closed once, by the train observer
-        backbone = getattr(inner, "base_model", None)
-        if not isinstance(backbone, nn.Module) or backbone is inner:
-            raise TypeError(f"{type(inner).__name__} has no separate backbone (base_model) whose hidden states to hook")
         self._handles = [
             inner.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
             backbone.register_forward_hook(self._backbone_output),
