@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers
 import trl
-from agent_obs.integrations.transformers import GRPOObsCallback, classify_completion, grpo_demo
+from agent_obs.integrations.transformers import GRPOObsCallback, classify_completion, grpo_demo, reward_by_tool_call
 from agent_obs.integrations.transformers.grpo import sampled_key
 from test_transformers import reference_metrics
 
@@ -66,6 +66,16 @@ def test_demo_prints_the_per_class_table_and_agrees_with_trl_entropy(demo):
     for row in ("all", "reasoning", "tool_call"):
         assert re.search(rf"^{logs[-1]['step']}\s+{row}\s", printed, re.MULTILINE), row
     assert (out / "policy" / "config.json").is_file()
+    # the demo's reward needs a well-formed call: completions without any tool call all score 0
+    without = [
+        h["rewards/tool_call_reward/without_tool_call"]
+        for h in logs
+        if "rewards/tool_call_reward/without_tool_call" in h
+    ]
+    with_call = [
+        h["rewards/tool_call_reward/with_tool_call"] for h in logs if "rewards/tool_call_reward/with_tool_call" in h
+    ]
+    assert with_call and all(0 <= v <= 1 for v in with_call) and all(v == 0 for v in without)
 
 
 # ---- the float64 reference ----------------------------------------------------------------------
@@ -236,3 +246,32 @@ def test_install_on_a_plain_trainer_names_the_sft_callback(tmp_path):
     trainer = transformers.Trainer(model=model, args=args)
     with pytest.raises(TypeError, match=r"AgentObsCallback\.install"):
         GRPOObsCallback.install(trainer)
+
+
+def test_reward_by_tool_call_logs_the_mean_reward_with_and_without_a_call():
+    """Real assistant turns (all with a call) and their reasoning alone (none): the wrapper returns the
+    rewards unchanged and logs each side's mean through the log_metric callable TRL passes; None rewards
+    (unscorable) are left out; an async reward function is refused."""
+    turns = [m["content"] for conv in grpo_demo.load_conversations("val") for m in conv if m["role"] == "assistant"]
+    with_call = [[{"role": "assistant", "content": t}] for t in turns[:6]]
+    without = [[{"role": "assistant", "content": t[: t.index("<function=")]}] for t in turns[:6]]
+
+    def length_reward(completions, **kwargs):
+        return [float(len(c[0]["content"])) if i != 1 else None for i, c in enumerate(completions)]
+
+    logged: dict[str, float] = {}
+    completions = with_call + without
+    wrapped = reward_by_tool_call(length_reward)
+    rewards = wrapped(prompts=[None] * 12, completions=completions, log_metric=logged.__setitem__)
+    assert rewards == length_reward(completions) and wrapped.__name__ == "length_reward"
+    scored = [len(c[0]["content"]) for i, c in enumerate(with_call) if i != 1]
+    assert logged["rewards/length_reward/with_tool_call"] == pytest.approx(sum(scored) / 5)
+    assert logged["rewards/length_reward/without_tool_call"] == pytest.approx(
+        sum(len(c[0]["content"]) for c in without) / 6
+    )
+
+    async def async_reward(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.raises(TypeError, match="synchronous"):
+        reward_by_tool_call(async_reward)

@@ -8,6 +8,7 @@ from agent_obs.integrations.transformers.collator import (
     message_content_spans,
 )
 from agent_obs.integrations.transformers.grpo import GRPOObsCallback, classify_completion
+from agent_obs.integrations.transformers.grpo_rewards import reward_by_tool_call
 
 __all__ = [
     "AgentChatCollator",
@@ -18,4 +19,5 @@ __all__ = [
     "encode_conversation",
     "fused_head_reasons",
     "message_content_spans",
+    "reward_by_tool_call",
 ]

@@ -141,7 +141,7 @@ def run_grpo(model, tok, out_dir: Path, steps: int, *, exporters=(), seed: int =
     import datasets
     import transformers
     import trl
-    from agent_obs.integrations.transformers import GRPOObsCallback
+    from agent_obs.integrations.transformers import GRPOObsCallback, reward_by_tool_call
 
     settings = dict(
         per_device_train_batch_size=8,
@@ -155,7 +155,7 @@ def run_grpo(model, tok, out_dir: Path, steps: int, *, exporters=(), seed: int =
     )
     trainer = trl.GRPOTrainer(
         model=model,
-        reward_funcs=tool_call_reward,
+        reward_funcs=reward_by_tool_call(tool_call_reward),  # also logs the reward with vs without a call
         args=trl.GRPOConfig(**(settings | config)),
         train_dataset=datasets.Dataset.from_list(grpo_prompts(load_conversations())),
         processing_class=tok,
@@ -180,8 +180,13 @@ def format_table(logs: list[dict]) -> str:
         for name, prefix in groups:
             cells = [_cell(log.get(f"train_{prefix}{stat}"), stat) for stat, _ in TABLE_STATS]
             lines.append(f"{log['step']:<6}{name[:21]:<22}" + "".join(cells))
-    lines += ["", f"{'step':<6}{'TRL entropy':>12}{'train_entropy':>15}{'reward':>9}"]
-    lines += [f"{h['step']:<6}{h['entropy']:>12.4f}{h['train_entropy']:>15.4f}{h['reward']:>9.3f}" for h in logs]
+    sides = [f"rewards/tool_call_reward/{side}_tool_call" for side in ("with", "without")]
+    lines += ["", f"{'step':<6}{'TRL entropy':>12}{'train_entropy':>15}{'reward':>9}{'with call':>11}{'without':>9}"]
+    for h in logs:
+        with_call, without = (_cell(h.get(key), "reward", width=w) for key, w in zip(sides, (11, 9), strict=True))
+        lines.append(
+            f"{h['step']:<6}{h['entropy']:>12.4f}{h['train_entropy']:>15.4f}{h['reward']:>9.3f}{with_call}{without}"
+        )
     return "\n".join(lines)
 
 
@@ -189,10 +194,10 @@ def _is_tool_entropy(key: str) -> bool:
     return key.startswith("train_tool_call.") and key.endswith("_entropy")
 
 
-def _cell(value: float | None, stat: str) -> str:
+def _cell(value: float | None, stat: str, width: int = 13) -> str:
     if value is None or not math.isfinite(value):
-        return f"{'-':>13}"
-    return f"{int(value):>13d}" if stat == "tokens" else f"{value:>13.4f}"
+        return "-".rjust(width)
+    return f"{int(value):>{width}d}" if stat == "tokens" else f"{value:>{width}.4f}"
 
 
 def main(args) -> int:
