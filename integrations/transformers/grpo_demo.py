@@ -1,10 +1,11 @@
 """``agent-obs demo --rl``: a tiny Qwen2 policy learns the tool-call format by SFT, then GRPO, on CPU.
 
-The SFT phase trains on the project's sample trajectories (each assistant turn after the system
-prompt and the message before it); the GRPO phase samples first turns for the sample tasks and
-rewards a well-formed ``<function=NAME>...</function>`` call of a tool the system prompt offers.
+The SFT phase trains on the project's sample trajectories (each assistant turn after the message
+before it, short sequences for the CPU); the GRPO phase samples first turns for the sample tasks
+and rewards a well-formed ``<function=NAME>...</function>`` call of one of the sample's tools.
 ``GRPOObsCallback`` reports entropy per token class on the policy's own completions; the table
-at the end compares the first and last GRPO steps with TRL's own ``entropy`` and the reward.
+at the end compares the first and last GRPO steps, then TRL's own ``entropy`` and the reward
+(with vs without a tool call) per step.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+from agent_obs.integrations.transformers.grpo_rewards import completion_text
 
 VOCAB_SIZE = 2048
 TOOLS = ("bash", "str_replace_editor", "find_file", "submit")
@@ -33,8 +36,7 @@ def tool_call_reward(completions: list, **kwargs: Any) -> list[float]:
     """1 for a completion with a well-formed call of an offered tool, 0.5 for another well-formed call, else 0."""
     rewards = []
     for completion in completions:
-        text = completion[-1]["content"] if isinstance(completion, list) else completion
-        match = WELL_FORMED.search(text)
+        match = WELL_FORMED.search(completion_text(completion))
         rewards.append(0.0 if match is None else 1.0 if match[1] in TOOLS else 0.5)
     return rewards
 
