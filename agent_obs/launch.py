@@ -107,5 +107,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="instead: a tiny Qwen2 policy on CPU, SFT then GRPO (TRL), with per-class metrics of its completions",
     )
     demo.add_argument("--sft-steps", type=int, default=80, help="--rl: SFT steps before GRPO (default 80)")
-    demo.add_argument("--grpo-steps", type=int, default=8, help="--rl: GRPO steps (default 8)")
+    demo.add_argument("--grpo-steps", type=int, default=16, help="--rl: GRPO steps (default 16)")
     demo.set_defaults(func=_demo)
