@@ -26,7 +26,7 @@ from test_transformers import reference_metrics
 from agent_obs import TokenClass, tool_id
 from agent_obs.cli import main as cli_main
 from agent_obs.exporters.jsonl import JsonlExporter
-from agent_obs.keys import sanitize_tool_name
+from agent_obs.keys import parse_key, sanitize_tool_name
 
 OPEN_BLOCK = re.compile(r"<function=([^>]+)>.*?(?:</function>|\Z)", re.DOTALL)  # non-strict: unclosed runs to the end
 SFT_STEPS, GRPO_STEPS = 60, 3
@@ -91,7 +91,9 @@ class ForwardRecorder:
 
     def _pre(self, module, args, kwargs):
         if kwargs.get("fused_lm_head"):
-            self.records.append({"grad": torch.is_grad_enabled(), "labels": kwargs["labels"].clone()})
+            self.records.append(
+                {"grad": torch.is_grad_enabled(), "training": module.training, "labels": kwargs["labels"].clone()}
+            )
 
     def _hidden(self, module, args, output):
         if self.records and "logits" not in self.records[-1]:
@@ -136,24 +138,16 @@ def reference_rows(tok, records: list[dict]) -> tuple[tuple[torch.Tensor, ...], 
     return tuple(torch.cat(column) for column in zip(*parts, strict=True)), names
 
 
-def test_grpo_metrics_equal_float64_reference_once_per_optimisation_step(demo, tmp_path):
-    """num_iterations=2, gradient accumulation 2, beta > 0, temperature 0.7: each logged step equals float64
-    metrics of its 2 training forwards only (not the old-policy nor the reference-model forwards, which
-    also run); the same completions are counted again in the second optimisation step over them."""
-    _, out = demo
+def grpo_trainer(out, tmp_path, temperature: float, eval_prompts: int = 0, **overrides):
+    """A GRPOTrainer on the demo's SFT'd policy and prompts (``eval_prompts`` from the val split)."""
     tok = transformers.AutoTokenizer.from_pretrained(out / "policy")
-    policy = transformers.AutoModelForCausalLM.from_pretrained(out / "policy")
-    temperature = 0.7
-    config = trl.GRPOConfig(
+    settings = dict(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
+        per_device_eval_batch_size=8,
         num_generations=4,
-        num_iterations=2,
-        beta=0.04,
         temperature=temperature,
         max_completion_length=40,
-        max_steps=2,
         learning_rate=1e-3,
         logging_steps=1,
         bf16=False,
@@ -163,14 +157,37 @@ def test_grpo_metrics_equal_float64_reference_once_per_optimisation_step(demo, t
         disable_tqdm=True,
         seed=1,
     )
-    trainer = trl.GRPOTrainer(
-        model=policy,
+    evals = grpo_demo.grpo_prompts(grpo_demo.load_conversations("val"))[:eval_prompts]
+    return trl.GRPOTrainer(
+        model=transformers.AutoModelForCausalLM.from_pretrained(out / "policy"),
         reward_funcs=grpo_demo.tool_call_reward,
-        args=config,
+        args=trl.GRPOConfig(**(settings | overrides)),
         train_dataset=datasets.Dataset.from_list(grpo_demo.grpo_prompts(grpo_demo.load_conversations())),
+        eval_dataset=datasets.Dataset.from_list(evals) if evals else None,
         processing_class=tok,
     )
-    recorder = ForwardRecorder(trainer.model, temperature)
+
+
+def assert_equals_reference(log: dict, prefix: str, tok, records: list[dict]) -> dict:
+    """The ``{prefix}_*`` agent-obs keys of ``log`` equal float64 metrics of these forwards' completions."""
+    rows, names = reference_rows(tok, records)
+    expected = {_renamed(k): v for k, v in reference_metrics(*rows, names=names).items()}
+    got = {k[len(prefix) + 1 :]: v for k, v in log.items() if k.startswith(prefix + "_")}
+    got = {k: v for k, v in got.items() if parse_key(_grammar(k))}  # agent-obs keys, not TRL's
+    assert set(got) == set(expected), sorted(set(got) ^ set(expected))
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+    return got
+
+
+def test_grpo_metrics_equal_float64_reference_once_per_optimisation_step(demo, tmp_path):
+    """num_iterations=2, gradient accumulation 2, beta > 0, temperature 0.7: each logged step equals float64
+    metrics of its 2 training forwards only (not the old-policy nor the reference-model forwards, which
+    also run); the same completions are counted again in the second optimisation step over them."""
+    _, out = demo
+    trainer = grpo_trainer(out, tmp_path, 0.7, gradient_accumulation_steps=2, num_iterations=2, beta=0.04, max_steps=2)
+    tok = trainer.processing_class
+    recorder = ForwardRecorder(trainer.model, 0.7)
     reference_calls = []
     trainer.ref_model.register_forward_pre_hook(lambda m, a, k: reference_calls.append(1), with_kwargs=True)
     jsonl = tmp_path / "m.jsonl"
@@ -184,19 +201,41 @@ def test_grpo_metrics_equal_float64_reference_once_per_optimisation_step(demo, t
     assert len(old_policy) == 2 and len(reference_calls) == 2  # ran, over the same 8 completions, uncounted
     seen_tool = False
     for log, step in zip(logs, (training[:2], training[2:]), strict=True):
-        rows, names = reference_rows(tok, step)
-        expected = {_renamed(k): v for k, v in reference_metrics(*rows, names=names).items()}
-        got = {
-            k[len("train_") :]: v for k, v in log.items() if k.startswith("train_") and k != "train_nonfinite_tokens"
-        }
-        assert set(got) == set(expected), sorted(set(got) ^ set(expected))
-        for key, value in expected.items():
-            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
-        seen_tool |= "tool_call_tokens" in got
+        seen_tool |= "tool_call_tokens" in assert_equals_reference(log, "train", tok, step)
     assert logs[0]["train_tokens"] == logs[1]["train_tokens"]  # the same completions, once per optimisation step
     assert seen_tool, "the SFT'd policy wrote no tool call: the per-tool path went untested"
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [r["tokens"] for r in records] == [h["train_tokens"] for h in logs]
+
+
+def test_grpo_eval_keys_equal_float64_reference_and_keep_trls_eval_entropy(demo, tmp_path):
+    """An evaluation (8 completions, one batch): eval_* keys equal float64 metrics of the eval loss forward
+    only (its old-policy forward also runs in eval mode, uncounted); TRL's own eval_entropy moves to
+    eval_entropy_trainer and agrees within 2e-3; exporters get split rl_eval."""
+    _, out = demo
+    trainer = grpo_trainer(
+        out, tmp_path, 1.0, eval_prompts=2, num_iterations=2, max_steps=1, eval_strategy="steps", eval_steps=1
+    )
+    recorder = ForwardRecorder(trainer.model, 1.0)
+    jsonl = tmp_path / "m.jsonl"
+    GRPOObsCallback.install(trainer, exporters=[JsonlExporter(jsonl)])
+    trainer.train()
+
+    (log,) = [h for h in trainer.state.log_history if "eval_loss" in h]
+    evaluation = [r for r in recorder.records if not r["training"]]
+    assert len(evaluation) == 2 and not any(r["grad"] for r in evaluation)  # old-policy, then the loss forward
+    got = assert_equals_reference(log, "eval", trainer.processing_class, evaluation[1:])
+    assert got["tokens"] == pytest.approx(log["eval_completions/mean_length"] * 8)
+    assert log["eval_entropy"] == pytest.approx(log["eval_entropy_trainer"], abs=2e-3)
+    assert [json.loads(line)["split"] for line in jsonl.read_text().splitlines()] == ["rl_train", "rl_eval"]
+
+
+def _grammar(key: str) -> str:
+    """A logged sampled-token key back in the metric-key grammar."""
+    for stat, name in RENAMED.items():
+        if key.endswith(name):
+            return key[: -len(name)] + stat
+    return key
 
 
 def _renamed(key: str) -> str:
