@@ -275,16 +275,29 @@ def test_sampled_key_renames_only_perplexity_and_accuracy():
     assert sampled_key("nonfinite_tokens") == "nonfinite_tokens"
 
 
-def test_install_on_a_plain_trainer_names_the_sft_callback(tmp_path):
+def test_misuse_names_the_fix(tmp_path):
+    """install() on a plain Trainer names AgentObsCallback; a callback only passed in callbacks=[...] (never
+    attached, so it could report nothing) warns at train begin naming install()."""
     model = transformers.Qwen2ForCausalLM(
         transformers.Qwen2Config(
-            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
         )
     )
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    trainer = transformers.Trainer(model=model, args=args)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1, save_strategy="no", disable_tqdm=True
+    )
+    rows = datasets.Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
     with pytest.raises(TypeError, match=r"AgentObsCallback\.install"):
         GRPOObsCallback.install(trainer)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, callbacks=[GRPOObsCallback()])
+    with pytest.warns(UserWarning, match=r"GRPOObsCallback\.install\(trainer\)"):
+        trainer.train()
 
 
 def test_reward_by_tool_call_logs_the_mean_reward_with_and_without_a_call():

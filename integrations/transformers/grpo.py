@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -259,6 +260,15 @@ class GRPOObsCallback(TrainerCallback):
             self._pieces.update(zip(new, texts, strict=True))
 
     # ---- Trainer events --------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is None:
+            warnings.warn(
+                "agent-obs: GRPOObsCallback is not attached to a trainer, so it reports nothing; add it with "
+                "GRPOObsCallback.install(trainer) instead of passing it in callbacks=[...]",
+                UserWarning,
+                stacklevel=2,
+            )
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not self.observers:
             return

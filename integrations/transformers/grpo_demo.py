@@ -204,12 +204,9 @@ def _cell(value: float | None, stat: str, width: int = 13) -> str:
 
 def main(args) -> int:
     """SFT then GRPO on CPU; prints the per-class table and saves the policy, logs and metrics under the cache."""
-    import torch
-
     from agent_obs.exporters.jsonl import JsonlExporter
 
     t0 = time.perf_counter()
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
     out = Path(args.cache_dir).resolve() / "rl"
     shutil.rmtree(out, ignore_errors=True)
     tok = build_tokenizer(out / "tokenizer")
