@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import re
 
@@ -138,7 +139,7 @@ def reference_rows(tok, records: list[dict]) -> tuple[tuple[torch.Tensor, ...], 
     return tuple(torch.cat(column) for column in zip(*parts, strict=True)), names
 
 
-def grpo_trainer(out, tmp_path, temperature: float, eval_prompts: int = 0, **overrides):
+def grpo_trainer(out, tmp_path, temperature: float, eval_prompts: int = 0, rollout_func=None, **overrides):
     """A GRPOTrainer on the demo's SFT'd policy and prompts (``eval_prompts`` from the val split)."""
     tok = transformers.AutoTokenizer.from_pretrained(out / "policy")
     settings = dict(
@@ -165,12 +166,17 @@ def grpo_trainer(out, tmp_path, temperature: float, eval_prompts: int = 0, **ove
         train_dataset=datasets.Dataset.from_list(grpo_demo.grpo_prompts(grpo_demo.load_conversations())),
         eval_dataset=datasets.Dataset.from_list(evals) if evals else None,
         processing_class=tok,
+        rollout_func=rollout_func,
     )
 
 
 def assert_equals_reference(log: dict, prefix: str, tok, records: list[dict]) -> dict:
     """The ``{prefix}_*`` agent-obs keys of ``log`` equal float64 metrics of these forwards' completions."""
-    rows, names = reference_rows(tok, records)
+    return assert_metrics(log, prefix, *reference_rows(tok, records))
+
+
+def assert_metrics(log: dict, prefix: str, rows: tuple[torch.Tensor, ...], names: dict[int, str]) -> dict:
+    """The ``{prefix}_*`` agent-obs keys of ``log`` (not TRL's) equal float64 metrics of these rows."""
     expected = {_renamed(k): v for k, v in reference_metrics(*rows, names=names).items()}
     got = {k[len(prefix) + 1 :]: v for k, v in log.items() if k.startswith(prefix + "_")}
     got = {k: v for k, v in got.items() if parse_key(_grammar(k))}  # agent-obs keys, not TRL's
@@ -228,6 +234,75 @@ def test_grpo_eval_keys_equal_float64_reference_and_keep_trls_eval_entropy(demo,
     assert got["tokens"] == pytest.approx(log["eval_completions/mean_length"] * 8)
     assert log["eval_entropy"] == pytest.approx(log["eval_entropy_trainer"], abs=2e-3)
     assert [json.loads(line)["split"] for line in jsonl.read_text().splitlines()] == ["rl_train", "rl_eval"]
+
+
+class TwoTurnRollout:
+    """TRL's rollout_func for agent environments: each completion is a real assistant turn (with its call),
+    the environment's observation (env_mask 0) and the next assistant turn, all distinct."""
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+        self.convs = [c for c in grpo_demo.load_conversations() if len(c) > 4]
+        self.env_masks: dict[tuple[int, ...], list[int]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, prompts: list, trainer) -> dict:
+        prompt_ids, completion_ids, masks = [], [], []
+        for prompt in prompts:
+            n = len(self.env_masks)
+            conv = self.convs[n % len(self.convs)]
+            first = self._ids(conv[2]["content"] + "<|im_end|>")
+            env = self._ids(f"\n<|im_start|>user\n{conv[3]['content']}<|im_end|>\n<|im_start|>assistant\n")
+            second = self._ids(conv[4]["content"][: 30 + n] + "<|im_end|>")  # cut differently: all distinct
+            ids, mask = first + env + second, [1] * len(first) + [0] * len(env) + [1] * len(second)
+            self.env_masks[tuple(ids)] = mask
+            text = self.tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            prompt_ids.append(self._ids(text))
+            completion_ids.append(ids)
+            masks.append(mask)
+        logprobs = [[0.0] * len(ids) for ids in completion_ids]
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs, "env_mask": masks}
+
+
+def test_environment_feedback_is_not_counted_and_each_turn_is_classified_alone(demo, tmp_path, monkeypatch):
+    """Two-turn completions from a rollout_func with env_mask (TRL leaves the observation out of its loss and
+    entropy): train_* count exactly the policy's tokens (TRL's completion length and entropy agree) and equal
+    float64 metrics of those tokens, each assistant turn classified on its own."""
+    _, out = demo
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    rollout = TwoTurnRollout(transformers.AutoTokenizer.from_pretrained(out / "policy"))
+    trainer = grpo_trainer(out, tmp_path, 1.0, rollout_func=rollout, max_steps=2)
+    tok = trainer.processing_class
+    recorder = ForwardRecorder(trainer.model, 1.0)
+    GRPOObsCallback.install(trainer)
+    trainer.train()
+
+    logs = [h for h in trainer.state.log_history if "entropy" in h]
+    training = [r for r in recorder.records if r["grad"]]
+    assert len(logs) == len(training) == 2
+    for log, record in zip(logs, training, strict=True):
+        assert log["train_tokens"] == pytest.approx(log["completions/mean_length"] * 4)  # env tokens left out
+        assert log["train_entropy"] == pytest.approx(log["entropy"], abs=2e-3)
+        parts, names = [], {}
+        labels = record["labels"][:, 1:]
+        for b in range(labels.shape[0]):
+            pos = (labels[b] != -100).nonzero().flatten()
+            ids = labels[b, pos].tolist()
+            mask = torch.tensor(rollout.env_masks[tuple(ids)])
+            assert 0 < int(mask.sum()) < len(ids)
+            classes, tools = torch.zeros(len(ids), dtype=torch.long), torch.full((len(ids),), -1)
+            bounds = [0, *((mask[1:] != mask[:-1]).nonzero().flatten() + 1).tolist(), len(ids)]
+            for start, end in itertools.pairwise(bounds):
+                if mask[start]:  # one assistant turn, classified alone
+                    cls, tids, found = reference_classes(tok, ids[start:end])
+                    classes[start:end], tools[start:end] = torch.tensor(cls), torch.tensor(tids)
+                    names |= found
+            turn_labels = labels[b, pos].masked_fill(mask == 0, -100)
+            parts.append((record["logits"][b, pos], turn_labels, classes, tools))
+        rows = tuple(torch.cat(column) for column in zip(*parts, strict=True))
+        assert "tool_call_tokens" in assert_metrics(log, "train", rows, names)
 
 
 def _grammar(key: str) -> str:
