@@ -269,19 +269,24 @@ class TwoTurnRollout:
 def test_environment_feedback_is_not_counted_and_each_turn_is_classified_alone(demo, tmp_path, monkeypatch):
     """Two-turn completions from a rollout_func with env_mask (TRL leaves the observation out of its loss and
     entropy): train_* count exactly the policy's tokens (TRL's completion length and entropy agree) and equal
-    float64 metrics of those tokens, each assistant turn classified on its own."""
+    float64 metrics of those tokens (each assistant turn classified as its own message); only those rows are
+    re-projected, without grad, in chunks of the configured size."""
     _, out = demo
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     rollout = TwoTurnRollout(transformers.AutoTokenizer.from_pretrained(out / "policy"))
     trainer = grpo_trainer(out, tmp_path, 1.0, rollout_func=rollout, max_steps=2)
     tok = trainer.processing_class
     recorder = ForwardRecorder(trainer.model, 1.0)
-    GRPOObsCallback.install(trainer)
+    callback = GRPOObsCallback.install(trainer, chunk_bytes=4 * len(tok) * 7)  # re-projects 7 rows at a time
+    projected = []
+    callback.head.register_forward_hook(lambda m, a, o: projected.append((a[0].shape[0], o.requires_grad)))
     trainer.train()
 
     logs = [h for h in trainer.state.log_history if "entropy" in h]
     training = [r for r in recorder.records if r["grad"]]
     assert len(logs) == len(training) == 2
+    assert sum(n for n, _ in projected) == sum(h["train_tokens"] for h in logs)  # only the counted rows
+    assert max(n for n, _ in projected) == 7 and not any(grad for _, grad in projected)
     for log, record in zip(logs, training, strict=True):
         assert log["train_tokens"] == pytest.approx(log["completions/mean_length"] * 4)  # env tokens left out
         assert log["train_entropy"] == pytest.approx(log["entropy"], abs=2e-3)
