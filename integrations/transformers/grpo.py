@@ -90,8 +90,10 @@ class GRPOObsCallback(TrainerCallback):
     Add it with ``GRPOObsCallback.install(trainer)``. Keys: ``train_entropy``,
     ``train_reasoning_entropy``, ``train_tool_call_entropy``, ``train_tool_call.{tool}_*``,
     ``train_top{k}_prob``, ``train_sampled_perplexity``, ``train_sampled_argmax_rate`` (and ``eval_*``).
-    ``count_special_tokens``: special tokens (the EOS that ends a completion) are sampled actions;
-    True counts them in the overall metrics only (as TRL's entropy does), False in none.
+    ``fmt``/``strict``: the tool-call format, as for ``find_tool_calls``. ``count_special_tokens``:
+    special tokens (the EOS that ends a completion) are sampled actions; True counts them in the
+    overall metrics only (as TRL's entropy does), False in none. ``chunk_bytes``: float32 logits per
+    re-projection chunk. Other keyword arguments go to ``agent_obs.attach``.
     """
 
     def __init__(
