@@ -78,6 +78,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.rl:
+        from agent_obs.integrations.transformers.grpo_demo import main as rl_main
+
+        return rl_main(args)
     try:
         require_torchtune("demo")
     except ImportError as exc:
@@ -113,4 +117,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--prometheus-port", type=int, default=9464, help="0 picks a free port")
     demo.add_argument("--prepare-only", action="store_true", help="build the cached assets and stop")
     demo.add_argument("--rebuild", action="store_true", help="rebuild the cached tokenizer and checkpoint")
+    demo.add_argument(
+        "--rl",
+        action="store_true",
+        help="instead: a tiny Qwen2 policy on CPU, SFT then GRPO (TRL), with per-class metrics of its completions",
+    )
+    demo.add_argument("--sft-steps", type=int, default=80, help="--rl: SFT steps before GRPO (default 80)")
+    demo.add_argument("--grpo-steps", type=int, default=16, help="--rl: GRPO steps (default 16)")
     demo.set_defaults(func=_demo)

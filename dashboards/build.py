@@ -130,6 +130,28 @@ def tool_panel(title: str, description: str, unit: str, family: str) -> timeseri
     )
 
 
+def rl_entropy_rows() -> list:
+    """RL (GRPO): each class's entropy as a fraction of its 6-hour peak, the AgentObsRLEntropyCollapse signal."""
+
+    def side(expr: str) -> str:
+        return f"avg by (token_class) ({expr})"
+
+    entropy = f"agent_obs_entropy_nats{{{SEL}, {SPLIT}}}"
+    expr = f"{side(entropy)} / {side(f'max_over_time({entropy}[6h])')}"
+    panel = _series(
+        "Entropy / its 6h peak (RL) — $split",
+        "Entropy of each class divided by its highest value over the last 6 hours. For a GRPO run (split "
+        "rl_train) the peak is the start: the AgentObsRLEntropyCollapse alert fires under 0.3 (or under half "
+        "of the 30-minute peak). In SFT splits a falling ratio is ordinary learning.",
+        "percentunit",
+        expr,
+        "{{token_class}}",
+        width=24,
+    )
+    panel = _class_colors(panel.repeat("split").repeat_direction("h").max_per_row(4)).min(0).max(1)
+    return [dash.Row("RL (GRPO): entropy collapse"), panel]
+
+
 def stat_panel(title: str, description: str, unit: str, expr: str, legend: str, steps: list[Threshold]) -> stat.Panel:
     """A single-value panel with a sparkline and colour thresholds."""
     return (
@@ -341,6 +363,7 @@ def build() -> dict:
             .min(0)
             .max(1)
         ),
+        *rl_entropy_rows(),
     ]
     for panel_id, item in enumerate(items, start=1):
         d = d.with_row(item.id(panel_id)) if isinstance(item, dash.Row) else d.with_panel(item.id(panel_id))

@@ -25,7 +25,7 @@ def promtool(*args: str | Path, cwd: Path = DASHBOARDS) -> subprocess.CompletedP
 def test_promtool_check_rules_and_config():
     rules = promtool("check", "rules", RULES)
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 4 rules found" in rules.stdout
+    assert "SUCCESS: 5 rules found" in rules.stdout
     config = promtool("check", "config", DASHBOARDS / "prometheus.yml")
     assert config.returncode == 0, config.stdout + config.stderr
 
@@ -45,6 +45,10 @@ def test_promtool_unit_tests_pass():
         (r" unless agent_obs_nonfinite_tokens_total offset 5m", ""),  # first-appearance arm
         (r"> 600", "> 1200"),  # stall threshold
         (r'\{split="train"\}', ""),  # stall only on train
+        (r"< 0\.3 \*", "< 0.2 *"),  # RL entropy collapse, slow arm: fraction of the 6-hour peak
+        (r"< 0\.5 \*", "< 0.3 *"),  # RL entropy collapse, fast arm: fraction of the 30-minute peak
+        (r"\[30m\]", "[60m]"),  # fast arm window
+        (r'\{split=~"rl_\.\*"\}', ""),  # RL splits only: an SFT run's falling entropy is learning
     ],
 )
 def test_unit_tests_catch_a_broken_rule(tmp_path, pattern, replacement):

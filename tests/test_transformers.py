@@ -109,8 +109,12 @@ def samples(trajectories):
 
 
 # ---- independent float64 reference -------------------------------------------------------------
-def reference_metrics(logits: torch.Tensor, labels, classes, tools) -> dict[str, float]:
-    """Float64 metrics of aligned rows ``logits [N, V]`` per group, straight from the definitions."""
+def reference_metrics(logits: torch.Tensor, labels, classes, tools, names: dict[int, str] | None = None) -> dict:
+    """Float64 metrics of aligned rows ``logits [N, V]`` per group, straight from the definitions.
+
+    ``names``: tool id -> name (default: the ``TOOLS`` of these tests).
+    """
+    names = names or {tool_id(t): t for t in TOOLS}
     logp = torch.log_softmax(logits.double(), dim=-1)
     p = logp.exp()
     entropy = -(p * logp).sum(-1)
@@ -122,8 +126,7 @@ def reference_metrics(logits: torch.Tensor, labels, classes, tools) -> dict[str,
     for name, cls in GROUP_CLASS.items():
         groups[f"{name}_"] = selected & (classes == cls)
     for tid in sorted(set(tools[selected & (classes == TokenClass.TOOL_CALL)].tolist()) - {-1}):
-        name = next(t for t in TOOLS if tool_id(t) == tid)
-        groups[f"tool_call.{name}_"] = selected & (classes == TokenClass.TOOL_CALL) & (tools == tid)
+        groups[f"tool_call.{names[tid]}_"] = selected & (classes == TokenClass.TOOL_CALL) & (tools == tid)
     out: dict[str, float] = {}
     for prefix, mask in groups.items():
         n = int(mask.sum())

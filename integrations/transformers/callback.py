@@ -230,14 +230,10 @@ class AgentObsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not self.observers:
             return
-        prefix = _split_of(logs)
+        prefix = split_of(logs)
         metrics = self.observers["train" if prefix == "train" else "eval"].collect(split=prefix, step=state.global_step)
         added = {f"{prefix}_{key}": float(value) for key, value in metrics.items()} if metrics.get("tokens") else {}
-        # a trainer's own value of a key agent-obs also writes (TRL's eval_entropy) moves to "{key}_trainer"
-        added = {f"{key}_trainer": logs[key] for key in added.keys() & logs.keys()} | added
-        logs.update(added)
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(added)
+        merge_into_logs(logs, state, added)
         if added and not self._first and args.report_to and not self._warned_order:
             self._warned_order = True
             warnings.warn(
@@ -250,7 +246,7 @@ class AgentObsCallback(TrainerCallback):
     def on_predict(self, args, state, control, metrics=None, **kwargs):
         if metrics is None or not self.observers:
             return
-        prefix = _split_of(metrics, default="test")
+        prefix = split_of(metrics, default="test")
         values = self.observers["eval"].collect(split=prefix, step=state.global_step)
         if values.get("tokens"):
             metrics.update({f"{prefix}_{key}": float(value) for key, value in values.items()})
@@ -259,7 +255,18 @@ class AgentObsCallback(TrainerCallback):
         self._close_block()
 
 
-def _split_of(logs: Mapping[str, Any], default: str = "train") -> str:
+def merge_into_logs(logs: dict[str, Any], state: Any, added: Mapping[str, float]) -> None:
+    """Add agent-obs keys to ``logs`` and to this step's ``state.log_history`` entry.
+
+    A trainer's own value of a key agent-obs also writes (TRL's ``eval_entropy``) moves to ``{key}_trainer``.
+    """
+    added = {f"{key}_trainer": logs[key] for key in added.keys() & logs.keys()} | dict(added)
+    logs.update(added)
+    if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        state.log_history[-1].update(added)
+
+
+def split_of(logs: Mapping[str, Any], default: str = "train") -> str:
     """``eval``/``eval_<name>``/``test`` for an evaluation's metrics (from its ``*_runtime`` key), else ``default``."""
     for key in logs:
         if key.endswith(_RUNTIME) and not key.startswith("train_"):
