@@ -19,9 +19,9 @@ class InlineEngine:
     def __init__(self, acc: StatsAccumulator) -> None:
         self.acc = acc
 
-    def submit(self, logits, labels, classes, slots, *, ignore_index: int) -> None:
-        """Add one chunk of rows ``[N, V]`` (labels/classes/slots ``[N]`` or None)."""
-        self.acc.update(logits, labels, classes, slots, ignore_index=ignore_index)
+    def submit(self, logits, labels, classes, slots, *, ignore_index: int, **extra) -> None:
+        """Add one chunk of rows ``[N, V]`` (labels/classes/slots ``[N]`` or None; ``extra``: see ``update``)."""
+        self.acc.update(logits, labels, classes, slots, ignore_index=ignore_index, **extra)
 
     def end_block(self) -> None:
         """Nothing in flight: the work ran inside ``submit``."""
@@ -52,15 +52,16 @@ class SideStreamEngine:
         self.stream = torch.cuda.Stream(device=device)
         self._in_flight: deque[tuple[torch.cuda.Event, tuple[torch.Tensor, ...]]] = deque()
 
-    def submit(self, logits, labels, classes, slots, *, ignore_index: int) -> None:
-        """Queue one chunk on the side stream after the work that produced it."""
+    def submit(self, logits, labels, classes, slots, *, ignore_index: int, **extra) -> None:
+        """Queue one chunk on the side stream after the work that produced it (``extra``: see ``update``)."""
         producer = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(producer)
         with torch.cuda.stream(self.stream):
-            self.acc.update(logits, labels, classes, slots, ignore_index=ignore_index)
+            self.acc.update(logits, labels, classes, slots, ignore_index=ignore_index, **extra)
         done = torch.cuda.Event()
         done.record(self.stream)
-        held = tuple(t for t in (logits, labels, classes, slots) if t is not None)
+        tensors = (logits, labels, classes, slots, *extra.values())
+        held = tuple(t for t in tensors if isinstance(t, torch.Tensor))
         self._in_flight.append((done, held))
         self._release_completed()
         while len(self._in_flight) > self.max_in_flight:
