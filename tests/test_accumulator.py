@@ -168,3 +168,29 @@ def test_per_sample_sums_match_brute_force_and_survive_growth():
                 assert entropy / tokens == pytest.approx(want["entropy"], rel=RTOL)
                 assert math.exp(nll / tokens) == pytest.approx(want["perplexity"], rel=RTOL)
                 assert correct / tokens == pytest.approx(want["accuracy"], abs=1e-12)
+
+
+def test_compiled_kernel_gives_the_same_anatomy_binary_entropy_and_sample_sums(monkeypatch):
+    """The inductor-compiled chunk sums (tool_args groups, H2, per-sample rows) equal the eager ones."""
+    logits, labels, classes, slots = _batch(200, 300, seed=12)
+    args = torch.randint(0, 2, (200,), generator=torch.Generator().manual_seed(3))
+    rows = torch.randint(-1, 9, (200,), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("AGENT_OBS_COMPILE", mode)
+        acc = StatsAccumulator((2, 5), num_tool_slots=2, chunk_tokens=64)
+        acc.update(logits, labels, classes, slots, tool_args=args, sample_rows=rows, num_samples=9)
+        out[mode] = (acc.sums.clone(), acc.take_samples(9), acc.metrics({0: "a", 1: "b"}, binary_entropy=True))
+    torch.testing.assert_close(out["1"][0], out["0"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["1"][1], out["0"][1], rtol=1e-5, atol=1e-6)
+    want, _ = reference_metrics(
+        logits,
+        labels,
+        classes,
+        topk=(2, 5),
+        tool_slots=slots.clamp(max=1),
+        tool_names={0: "a", 1: "b"},
+        tool_args=args,
+        binary_entropy=True,
+    )
+    assert_metrics_close(out["1"][2], want, rtol=RTOL)
