@@ -4,6 +4,7 @@ from agent_obs.integrations.transformers.callback import AgentObsCallback, fused
 from agent_obs.integrations.transformers.collator import (
     AgentChatCollator,
     EncodedConversation,
+    add_sample_ids,
     encode_conversation,
     message_content_spans,
 )
@@ -12,6 +13,7 @@ __all__ = [
     "AgentChatCollator",
     "AgentObsCallback",
     "EncodedConversation",
+    "add_sample_ids",
     "encode_conversation",
     "fused_head_reasons",
     "message_content_spans",
