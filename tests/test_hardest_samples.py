@@ -196,3 +196,40 @@ def test_two_gloo_ranks_merge_the_top_n_exactly(tmp_path):
     for result in results:
         assert result["outliers"] == check_samples(result["samples"], ref, top_n=3, k=1.0)
     assert {s["id"][:5] for s in results[0]["samples"]} == {"row20", "row25"}  # both ranks' samples in the top
+
+
+def test_samples_reach_jsonl_structlog_and_prometheus_without_id_labels(model, tmp_path):
+    """The JSONL line carries the samples, structlog logs a samples event, Prometheus only counts outliers."""
+    import io
+    import json
+    import urllib.request
+
+    from agent_obs.exporters import JsonlExporter, PrometheusExporter, StructlogExporter
+
+    log, stream = tmp_path / "m.jsonl", io.StringIO()
+    prom = PrometheusExporter(port=0, run="samples")
+    obs = attach(
+        model,
+        top_n=3,
+        outlier_k=1.0,
+        exporters=[JsonlExporter(log), StructlogExporter(renderer="json", file=stream), prom],
+    )
+    batches = window(seed=3)
+    tokens, labels, classes, args, ids = batches[0]
+    with torch.no_grad():
+        labels[0] = model(tokens[:1])[0].argmin(-1)  # one far-off sample: an outlier
+    for tokens, labels, classes, args, ids in batches:
+        with obs.observe(labels=labels, token_classes=classes, tool_args=args, sample_ids=ids):
+            model(tokens)
+    got = obs.collect(step=7)
+    assert got["outlier_samples"] >= 1 and any(s["outlier"] for s in got.samples)
+    line = json.loads(log.read_text().splitlines()[-1])
+    assert line["samples"] == json.loads(json.dumps(got.samples))
+    events = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert [e["event"] for e in events] == ["agent_obs.metrics", "agent_obs.samples"]
+    assert events[1]["samples"] == line["samples"] and events[1]["step"] == 7
+    scrape = urllib.request.urlopen(prom.url, timeout=10).read().decode()
+    assert f'agent_obs_outlier_samples_total{{run="samples",split="train"}} {got["outlier_samples"]}' in scrape
+    assert 'token_class="tool_args"' in scrape and 'token_class="tool_syntax"' in scrape
+    assert not any(s["id"] in scrape for s in got.samples), "a sample id leaked into Prometheus"
+    obs.detach()
