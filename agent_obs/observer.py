@@ -23,7 +23,7 @@ from agent_obs.exporters.base import Exporter, close_all, export_all
 from agent_obs.keys import NONFINITE, OUTLIERS
 from agent_obs.metrics import check_inputs
 from agent_obs.projection import Projection, find_projection
-from agent_obs.samples import DEFAULT_OUTLIER_K, SampleIndex, hardest_samples
+from agent_obs.samples import DEFAULT_OUTLIER_K, SampleIndex, collect_samples
 from agent_obs.token_class import TokenClass
 from agent_obs.tools import NO_TOOL, known_tools
 
@@ -353,10 +353,11 @@ class Observer:
         self._slots = {}
         sums, tool_names = reduce_sums(sums, slot_tools, self.max_tools)
         metrics = metrics_from_sums(sums.cpu(), self.topk, tool_names, binary_entropy=self.binary_entropy)
-        if self._samples.used:
-            metrics.samples, metrics[OUTLIERS] = hardest_samples(
-                self._take_samples(), self._samples.ids, top_n=self.top_n, outlier_k=self.outlier_k
-            )
+        samples, outliers = collect_samples(
+            self._samples, self._take_samples(), top_n=self.top_n, outlier_k=self.outlier_k
+        )  # collective when distributed, like reduce_sums
+        if outliers >= 0:
+            metrics.samples, metrics[OUTLIERS] = samples, outliers
         self._samples = SampleIndex()
         observed = metrics.get("tokens", 0.0) + metrics[NONFINITE] > 0
         if observed and (rank() == 0 or not self.rank0_only_export):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from agent_obs.accumulator import SAMPLE_GROUPS, SAMPLE_STATS
-from agent_obs.distributed import _all_gather
+from agent_obs.distributed import _all_gather, is_distributed
 
 DEFAULT_OUTLIER_K = 3.5  # the modified z-score cut-off of Iglewicz and Hoaglin
 MAD_SCALE = 1.4826  # MAD x 1.4826 estimates the standard deviation of normal data
@@ -92,8 +92,21 @@ def _top(rows: dict[SampleId, list[float]], key: str, top_n: int) -> list[dict]:
     return sorted(means, key=lambda m: (-m[key], str(m["id"])))[:top_n]
 
 
+def collect_samples(index: SampleIndex, table: torch.Tensor, *, top_n: int, outlier_k: float) -> tuple[list, float]:
+    """``hardest_samples`` when this rank saw sample ids or may be part of a collective; ``([], -1.0)`` when no
+    rank did (so the metrics get no samples and no outlier count). Every rank must call it when distributed."""
+    if not index.used and not is_distributed():
+        return [], -1.0
+    return hardest_samples(table, index.ids, top_n=top_n, outlier_k=outlier_k, used=index.used)
+
+
 def hardest_samples(
-    table: torch.Tensor, ids: Sequence[SampleId], *, top_n: int = 10, outlier_k: float = DEFAULT_OUTLIER_K
+    table: torch.Tensor,
+    ids: Sequence[SampleId],
+    *,
+    top_n: int = 10,
+    outlier_k: float = DEFAULT_OUTLIER_K,
+    used: bool = True,
 ) -> tuple[list[dict], float]:
     """The window's hardest samples over all ranks, hardest first by mean NLL, and the outlier count.
 
@@ -101,17 +114,22 @@ def hardest_samples(
     plus the top ``top_n`` by tool-call mean NLL; each dict has ``rank`` / ``tool_call_rank`` (1-based,
     None outside that ranking) and ``outlier``: mean NLL above median + ``outlier_k`` x 1.4826 x MAD of
     every sample's mean NLL in the window (none with fewer than 3 samples or a MAD of 0). Collective
-    when distributed. Samples without labeled tokens are not ranked.
+    when distributed: ``used`` says whether this rank saw sample ids; when no rank did, ``([], -1.0)``.
+    Samples without labeled tokens are not ranked.
     """
     local = {sid: row for sid, row in zip(ids, table.tolist(), strict=True)}
     picked = {m["id"] for key in ("nll", "tool_call_nll") for m in _top(local, key, top_n)}
     nlls = [m["nll"] for sid, row in local.items() if "nll" in (m := _means(sid, row))]
     merged: dict[SampleId, list[float]] = {}
     all_nlls: list[float] = []
-    for rank_rows, rank_nlls in _all_gather(([(sid, local[sid]) for sid in picked], nlls)):
+    any_used = False
+    for rank_rows, rank_nlls, rank_used in _all_gather(([(sid, local[sid]) for sid in picked], nlls, used)):
         for sid, row in rank_rows:
             merged[sid] = [a + b for a, b in zip(merged[sid], row, strict=True)] if sid in merged else list(row)
         all_nlls += rank_nlls
+        any_used |= rank_used
+    if not any_used:
+        return [], -1.0
     threshold = math.inf
     if len(all_nlls) >= 3:
         median = statistics.median(all_nlls)

@@ -180,7 +180,17 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             with obs.observe(labels=labels, token_classes=classes, tool_args=args, sample_ids=ids):
                 model(tokens)
         got = obs.collect()
-        torch.save({"samples": got.samples, "outliers": got["outlier_samples"]}, Path(out_dir) / f"rank{rank}.pt")
+        one_rank = []  # then a window where only rank 0 has ids, and one where no rank has: collect never hangs
+        for ids_here in (rank == 0, False):
+            tokens, labels, classes, args, ids = window(seed=40 + rank, batches=1)[0]
+            with obs.observe(labels=labels, token_classes=classes, sample_ids=ids if ids_here else None):
+                model(tokens)
+            m = obs.collect()
+            one_rank.append(([s["id"] for s in m.samples], m.get("outlier_samples")))
+        torch.save(
+            {"samples": got.samples, "outliers": got["outlier_samples"], "one_rank": one_rank},
+            Path(out_dir) / f"rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -195,6 +205,9 @@ def test_two_gloo_ranks_merge_the_top_n_exactly(tmp_path):
     ref = reference_samples(logits, lab, cls, sample_of)
     for result in results:
         assert result["outliers"] == check_samples(result["samples"], ref, top_n=3, k=1.0)
+        (ids, outliers), (no_ids, no_outliers) = result["one_rank"]
+        assert 3 <= len(ids) <= 4 and all(i.startswith("row40-") for i in ids) and outliers >= 0  # rank 0 only
+        assert no_ids == [] and no_outliers is None
     assert {s["id"][:5] for s in results[0]["samples"]} == {"row20", "row25"}  # both ranks' samples in the top
 
 
