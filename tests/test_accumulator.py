@@ -194,3 +194,23 @@ def test_compiled_kernel_gives_the_same_anatomy_binary_entropy_and_sample_sums(m
         binary_entropy=True,
     )
     assert_metrics_close(out["1"][2], want, rtol=RTOL)
+
+
+def test_compute_metrics_binary_entropy_and_tool_args_options():
+    """compute_metrics(binary_entropy=True, tool_args=...) on [B, S, V] equals the float64 reference; tool_args
+    without token classes is refused."""
+    from agent_obs import compute_metrics
+
+    logits, labels, classes, _ = _batch(60, 33, seed=21)
+    args = torch.arange(60) % 2
+    got = compute_metrics(
+        logits.reshape(3, 20, 33),
+        labels.reshape(3, 20),
+        classes.reshape(3, 20),
+        tool_args=args.reshape(3, 20),
+        binary_entropy=True,
+    )
+    want, _ = reference_metrics(logits, labels, classes, tool_args=args, binary_entropy=True)
+    assert_metrics_close(got, want, rtol=RTOL)
+    with pytest.raises(ValueError, match="pass token_classes of the same shape"):
+        compute_metrics(logits, labels, tool_args=args)
