@@ -48,7 +48,7 @@ def test_collator_tool_args_and_row_ids_match_references(tok, trajectories):
             for f in ds.select(range(i, min(i + 4, len(rows))))
         ]
         batch = collator(feats)
-        assert batch["sample_ids"].tolist() == list(range(i, i + len(feats)))
+        assert batch["sample_ids"] == list(range(i, i + len(feats)))  # a list: stays on the host
         for row, f in enumerate(feats):
             n = int(batch["attention_mask"][row].sum())
             args = batch["tool_args"][row, :n].tolist()
@@ -61,7 +61,7 @@ def test_collator_tool_args_and_row_ids_match_references(tok, trajectories):
     plain = AgentChatCollator(tok)([{"messages": rows[0]["messages"]}])
     assert set(plain) == {"input_ids", "attention_mask", "labels", "token_classes", "tool_ids"}
     with pytest.raises(ValueError, match="non-negative int ids"):
-        AgentChatCollator(tok)([{"messages": rows[0]["messages"], "sample_id": "a"}])
+        AgentChatCollator(tok)([{"messages": rows[0]["messages"], "sample_id": -3}])
 
 
 def test_collator_batches_through_attach_equal_compute_metrics(tok, trajectories):
@@ -92,6 +92,7 @@ def test_collator_batches_through_attach_equal_compute_metrics(tok, trajectories
     )
     assert got["tool_syntax_tokens"] + got["tool_args_tokens"] == got["tool_call_tokens"] > 0
     assert got["tool_args_tokens"] > 0 and got["tool_syntax_tokens"] > 0
+    assert sorted(s["id"] for s in got.samples) == list(range(len(samples)))
     for s in got.samples:
         row = s["id"]
         one = compute_metrics(logits[row, :-1], batch["labels"][row, 1:], batch["token_classes"][row, 1:])

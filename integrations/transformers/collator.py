@@ -176,8 +176,10 @@ class AgentChatCollator:
     Use with ``remove_unused_columns=False`` so the ``messages`` column reaches the collator.
     ``with_tool_args`` adds the ``tool_args`` tensor (observe()'s syntax/arguments split; needs the
     function_xml or hermes format); when every example has a ``sample_id_key`` column (e.g. the row
-    index from ``add_sample_ids``) the batch also gets ``sample_ids`` (``[B]``) for the hardest samples.
-    Both are opt-in: the model must not receive them, so the callback has to pop them.
+    index from ``add_sample_ids``, or str ids) the batch also gets ``sample_ids``, a plain list (``[B]``)
+    for the hardest samples: a list stays on the host when the Trainer moves tensors to the GPU, so
+    observe() maps it without a device sync. Both are opt-in: the model must not receive them, so the
+    callback has to pop them.
     """
 
     tokenizer: Any
@@ -199,14 +201,16 @@ class AgentChatCollator:
                 f"with_tool_args needs a format whose argument values are known ({', '.join(FORMATS)}), not a regex"
             )
 
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         encoded = [self.encode(f) for f in features]
         batch = self.pad(encoded)
         if features and all(self.sample_id_key in f for f in features):
             ids = [f[self.sample_id_key] for f in features]
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-                raise ValueError(f"{self.sample_id_key!r} must hold non-negative int ids (row indices), got {ids[:3]}")
-            batch["sample_ids"] = torch.tensor(ids, dtype=torch.long)
+            if not all(isinstance(i, str) or (isinstance(i, int) and not isinstance(i, bool) and i >= 0) for i in ids):
+                raise ValueError(
+                    f"{self.sample_id_key!r} must hold str ids or non-negative int ids (row indices), got {ids[:3]}"
+                )
+            batch["sample_ids"] = list(ids)
         return batch
 
     def encode(self, feature: Mapping[str, Any]) -> EncodedConversation:
