@@ -16,6 +16,7 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from agent_obs.classify import FORMATS
 from agent_obs.token_class import TokenClass
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,9 @@ class AgentSFTTransform:
             out["sample_id"] = sample["sample_id"]
         if not self.enable_token_classification:
             return out
-        out["token_classes"], out["tool_ids"], out["tool_args"] = self.classify_parts(messages, out["tokens"])
+        out["token_classes"], out["tool_ids"], tool_args = self.classify_parts(messages, out["tokens"])
+        if self.tool_call_format in FORMATS:  # argument values are known only for these: no fake split otherwise
+            out["tool_args"] = tool_args
         return out
 
     def classify(self, messages: Sequence[Any], tokens: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -108,7 +111,6 @@ class AgentSFTTransform:
             return context
         try:
             from agent_obs.classify import (
-                FORMATS,
                 classify_tokens,
                 find_arg_spans,
                 find_tool_calls,
@@ -122,9 +124,10 @@ class AgentSFTTransform:
             calls = find_tool_calls(text, self.tool_call_format, strict=self.strict)
             spans = [(c.start, c.end) for c in calls]
             classes = [int(c) for c in classify_tokens(text, offsets, spans=spans)]
-            known = self.tool_call_format in FORMATS
-            args = token_tool_args(offsets, find_arg_spans(text, self.tool_call_format, calls=calls)) if known else []
-            return classes, list(token_tool_ids(offsets, calls)), args or [0] * len(ids)
+            args = [0] * len(ids)
+            if self.tool_call_format in FORMATS:
+                args = token_tool_args(offsets, find_arg_spans(text, self.tool_call_format, calls=calls))
+            return classes, list(token_tool_ids(offsets, calls)), args
         except Exception as exc:  # one bad sample must not stop training: it falls back to overall metrics
             if not self._warned:
                 self._warned = True
