@@ -462,3 +462,17 @@ def test_real_trajectories_values_match_references(trajectories, tokenizers_bpe)
                 seen["unclosed_param"] += any(not text.startswith("</parameter>", b) for _, b in spans)
                 seen["long_value"] += any(b - a > 2000 for a, b in spans)
     assert seen["values"] > 100 and seen["lt_in_value"] > 0 and seen["long_value"] > 0, seen
+
+
+@settings(max_examples=200, deadline=None)
+@given(first=hermes_args_message(), second=hermes_args_message(), data=st.data())
+def test_hermes_values_of_several_blocks_and_their_tokens(first, second, data):
+    """Two calls in one message keep their own values; argument tokens equal the brute-force overlap."""
+    (a, _, spans_a), (b, _, spans_b) = first, second
+    text = a + b
+    spans = spans_a + [(s + len(a), e + len(a)) for s, e in spans_b]
+    assert find_arg_spans(text, "hermes") == spans
+    n = len(text)
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, n), max_size=30))) | {0, n})
+    offsets = list(itertools.pairwise(cuts))
+    assert token_tool_args(offsets, spans) == ref_args_tokens(offsets, spans, n)
