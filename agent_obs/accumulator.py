@@ -2,7 +2,9 @@
 
 The state is one float64 tensor ``sums[group, column]`` on the logits' device, so it can
 be summed across micro-batches and ranks and turned into means at the end. Groups are
-``all``, ``reasoning``, ``tool_call`` and then one row per tool slot.
+``all``, ``reasoning``, ``tool_call``, ``tool_syntax``, ``tool_args`` and then one row per tool
+slot. When sample rows are given, a second float64 table ``samples[sample, column]`` sums the
+same statistics per training sample (see ``SAMPLE_GROUPS``), also without host syncs.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from agent_obs.kernel import (
     fused_block_stats,
     rows_per_call,
 )
-from agent_obs.keys import CLASS_GROUPS, NONFINITE, group_prefix
+from agent_obs.keys import BINARY_ENTROPY, CLASS_GROUPS, NONFINITE, group_prefix
 from agent_obs.token_class import TokenClass
 
 DEFAULT_TOPK = (1, 2, 5, 10)
@@ -36,8 +38,11 @@ ENTROPY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 # Plain ints: under torch.compile (2.13) ``tensor != IntEnum member`` wrongly evaluates to all-True.
 _IGNORE, _REASONING, _TOOL_CALL = int(TokenClass.IGNORE), int(TokenClass.REASONING), int(TokenClass.TOOL_CALL)
 # Columns of ``sums`` before the top-k masses; histogram counts follow the masses.
-COL_TOKENS, COL_LABELED, COL_ENTROPY, COL_NLL, COL_CORRECT, COL_NONFINITE = range(6)
-_FIXED_COLS = 6
+COL_TOKENS, COL_LABELED, COL_ENTROPY, COL_NLL, COL_CORRECT, COL_NONFINITE, COL_BINARY_ENTROPY = range(7)
+_FIXED_COLS = 7
+# Per-sample table: for each of these groups the columns tokens, labeled, entropy, NLL, correct (see ``samples``).
+SAMPLE_GROUPS = ("all", "reasoning", "tool_call")
+SAMPLE_STATS = 5
 
 
 def default_chunk_tokens(vocab_size: int) -> int:
@@ -55,11 +60,21 @@ class Histogram:
 
 
 class Metrics(dict):
-    """``collect()``'s result: a plain ``dict[str, float]`` plus the entropy histograms."""
+    """``collect()``'s result: a plain ``dict[str, float]`` plus the entropy histograms and hardest samples.
 
-    def __init__(self, values: dict[str, float], histograms: dict[str, Histogram] | None = None):
+    ``samples`` (empty unless ``observe()`` got ``sample_ids``) lists plain dicts, hardest first by
+    mean NLL; see ``agent_obs.samples.hardest_samples``.
+    """
+
+    def __init__(
+        self,
+        values: dict[str, float],
+        histograms: dict[str, Histogram] | None = None,
+        samples: list[dict] | None = None,
+    ):
         super().__init__(values)
         self.histograms: dict[str, Histogram] = histograms or {}
+        self.samples: list[dict] = samples or []
 
 
 class StatsAccumulator:
@@ -81,14 +96,41 @@ class StatsAccumulator:
         self.num_groups = len(CLASS_GROUPS) + num_tool_slots
         self.num_cols = _FIXED_COLS + len(self.topk) + len(ENTROPY_BUCKETS) + 1
         self.sums = torch.zeros(self.num_groups, self.num_cols, dtype=torch.float64, device=device)
-        self._edges = torch.tensor(ENTROPY_BUCKETS, dtype=torch.float32, device=device)
+        self.samples = self._empty_samples(0, device)
+
+    @staticmethod
+    def _empty_samples(capacity: int, device) -> torch.Tensor:
+        """``[capacity + 1, groups x stats]`` zeros: the last row takes the rows of no sample."""
+        return torch.zeros(capacity + 1, len(SAMPLE_GROUPS) * SAMPLE_STATS, dtype=torch.float64, device=device)
 
     def reset(self) -> None:
+        """Zero the group sums and the per-sample table (same shape: no reallocation, no sync)."""
         self.sums.zero_()
+        self.samples.zero_()
+
+    def take_samples(self, num_samples: int) -> torch.Tensor:
+        """The per-sample sums of the first ``num_samples`` samples; the table starts empty again."""
+        table = self.samples
+        self.samples = self._empty_samples(0, table.device)
+        if table.shape[0] - 1 < num_samples:
+            table = torch.cat([table[:-1], table.new_zeros(num_samples - table.shape[0] + 1, table.shape[1])])
+        return table[:num_samples]
+
+    def _reserve_samples(self, num_samples: int) -> None:
+        """Grow the table (doubling, on the current stream) so rows ``0..num_samples-1`` exist."""
+        capacity = self.samples.shape[0] - 1
+        if num_samples > capacity:
+            grown = self._empty_samples(max(num_samples, 2 * capacity, 64), self.samples.device)
+            grown[:capacity] = self.samples[:capacity]
+            self.samples = grown
 
     def merge(self, other: StatsAccumulator) -> None:
-        """Add another accumulator's sums (same topk and tool slots)."""
+        """Add another accumulator's sums and per-sample rows (same topk and tool slots)."""
         self.sums += other.sums.to(self.sums.device)
+        rows = other.samples.shape[0] - 1  # its last row collects the rows of no sample
+        if rows:
+            self._reserve_samples(rows)
+            self.samples[:rows] += other.samples[:rows].to(self.samples.device)
 
     def all_reduce(self, group=None) -> None:
         """Sum the state across ranks (one collective); a no-op outside torch.distributed."""
@@ -105,34 +147,53 @@ class StatsAccumulator:
         tool_slots: torch.Tensor | None = None,
         *,
         ignore_index: int = -100,
+        tool_args: torch.Tensor | None = None,
+        sample_rows: torch.Tensor | None = None,
+        num_samples: int = 0,
     ) -> None:
-        """Add rows of ``logits`` ``[N, V]`` (labels/classes/tool slots ``[N]``), chunk by chunk, without host syncs."""
+        """Add rows of ``logits`` ``[N, V]`` (labels/classes/tool slots ``[N]``), chunk by chunk, without host syncs.
+
+        ``tool_args`` (``[N]``, nonzero inside an argument value) splits tool_call into
+        tool_syntax/tool_args; ``sample_rows`` (``[N]``, ``0..num_samples-1`` or -1 for none) adds
+        each row to its sample's row of ``samples``.
+        """
         n, vocab = logits.shape
         if n == 0:
             return
         dev = logits.device
-        labels, classes, tool_slots = (None if t is None else t.to(dev) for t in (labels, classes, tool_slots))
+        labels, classes, tool_slots, tool_args, sample_rows = (
+            None if t is None else t.to(dev) for t in (labels, classes, tool_slots, tool_args, sample_rows)
+        )
         slots = tool_slots if self.num_tool_slots and classes is not None else None
+        args = tool_args if classes is not None else None
+        if sample_rows is not None:
+            self._reserve_samples(num_samples)
+            trash = self.samples.shape[0] - 1
+            sample_rows = torch.where(sample_rows >= 0, sample_rows.long(), trash)
         chunk = self.chunk_tokens or default_chunk_tokens(vocab)
         step = rows_per_call(chunk, vocab, min(max(self.topk), vocab), _fused_chunk_sums.compiling)
         for start in range(0, n, step):
             sl = slice(start, min(n, start + step))
             x = logits[sl]
-            sums = _fused_chunk_sums(
+            sums, per_sample = _fused_chunk_sums(
                 x,
                 None if labels is None else labels[sl],
                 None if classes is None else classes[sl],
                 None if slots is None else slots[sl],
+                None if args is None else args[sl],
                 *fused_block_stats(x),
                 self.topk,
                 ignore_index,
                 self.num_tool_slots,
+                sample_rows is not None,
             )
             self.sums += sums.to(self.sums.device)
+            if per_sample is not None:
+                self.samples.index_add_(0, sample_rows[sl].to(self.samples.device), per_sample.to(self.samples))
 
-    def metrics(self, tool_names: dict[int, str] | None = None) -> Metrics:
+    def metrics(self, tool_names: dict[int, str] | None = None, *, binary_entropy: bool = False) -> Metrics:
         """The means of the current sums (syncs to host): keys as in ``agent_obs.keys``."""
-        return metrics_from_sums(self.sums.cpu(), self.topk, tool_names or {})
+        return metrics_from_sums(self.sums.cpu(), self.topk, tool_names or {}, binary_entropy=binary_entropy)
 
 
 def chunk_sums(
@@ -140,19 +201,25 @@ def chunk_sums(
     labels: torch.Tensor | None,
     classes: torch.Tensor | None,
     tool_slots: torch.Tensor | None,
+    tool_args: torch.Tensor | None,
     bmax: torch.Tensor,
     bsum: torch.Tensor,
     bdot: torch.Tensor,
     topk: tuple[int, ...],
     ignore_index: int,
     num_tool_slots: int,
-) -> torch.Tensor:
+    per_sample: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One chunk's ``[group, column]`` float64 sums from its logits and ``block_stats`` (pure torch, compiled).
 
     Rows are selected by label/class, non-finite ones only counted; group membership is a
     ``[N, group]`` mask, so every group's sums come from one fused reduction over the rows.
+    With ``per_sample`` also each row's ``[N, SAMPLE_GROUPS x SAMPLE_STATS]`` values (else None).
     """
-    stats = finish_row_stats(logits, labels, bmax, bsum, bdot, topk)
+    kernel_topk = topk if 1 in topk else (*topk, 1)  # the top-1 mass feeds the binary entropy
+    stats = finish_row_stats(logits, labels, bmax, bsum, bdot, kernel_topk)
+    p1 = stats[:, NUM_ROW_STATS + kernel_topk.index(1)].double().clamp(0.0, 1.0)
+    binary_entropy = -(torch.special.xlogy(p1, p1) + torch.special.xlogy(1.0 - p1, 1.0 - p1))
     selected = torch.ones_like(stats[:, 0], dtype=torch.bool)
     if labels is not None:
         selected = selected & (labels != ignore_index)
@@ -171,7 +238,8 @@ def chunk_sums(
         stats[:, ROW_NLL],
         stats[:, ROW_CORRECT],
         (selected & ~finite).double(),
-        *stats[:, NUM_ROW_STATS:].unbind(-1),
+        binary_entropy,
+        *stats[:, NUM_ROW_STATS : NUM_ROW_STATS + len(topk)].unbind(-1),
         *hist,
     ]
     values = torch.stack(
@@ -181,6 +249,11 @@ def chunk_sums(
     if classes is not None:
         tool_call = selected & (classes == _TOOL_CALL)
         groups += [selected & (classes == _REASONING), tool_call]
+        if tool_args is not None:
+            inside = tool_args != 0
+            groups += [tool_call & ~inside, tool_call & inside]
+        elif tool_slots is not None:
+            groups += [torch.zeros_like(selected)] * 2
         if tool_slots is not None:
             slots = tool_slots.long().clamp(max=num_tool_slots - 1)
             in_tool = tool_call & (tool_slots >= 0)
@@ -188,16 +261,27 @@ def chunk_sums(
     member = torch.stack(groups, dim=-1)
     sums = torch.where(member[:, :, None], values[:, None, :], 0.0).sum(0)  # not a product: 0 * inf NLL is NaN
     pad = len(CLASS_GROUPS) + num_tool_slots - sums.shape[0]
-    return torch.nn.functional.pad(sums, (0, 0, 0, pad))
+    sums = torch.nn.functional.pad(sums, (0, 0, 0, pad))
+    if not per_sample:
+        return sums, None
+    picked = values[:, [COL_TOKENS, COL_LABELED, COL_ENTROPY, COL_NLL, COL_CORRECT]]
+    rows = [torch.where(member[:, g, None], picked, 0.0) for g in range(min(len(SAMPLE_GROUPS), member.shape[1]))]
+    rows += [torch.zeros_like(picked)] * (len(SAMPLE_GROUPS) - len(rows))
+    return sums, torch.cat(rows, dim=-1)
 
 
 _fused_chunk_sums = Fused(chunk_sums, options=PASS2_OPTIONS)
 
 
-def metrics_from_sums(sums: torch.Tensor, topk: tuple[int, ...], tool_names: dict[int, str]) -> Metrics:
-    """Turn ``[group, column]`` sums into the metric dict; groups without tokens get no keys."""
+def metrics_from_sums(
+    sums: torch.Tensor, topk: tuple[int, ...], tool_names: dict[int, str], *, binary_entropy: bool = False
+) -> Metrics:
+    """Turn ``[group, column]`` sums into the metric dict; groups without tokens get no keys.
+
+    ``binary_entropy`` adds ``top1_binary_entropy`` (the seed's definition) to every group.
+    """
     rows = sums.tolist()
-    groups = [("all", None), ("reasoning", None), ("tool_call", None)]
+    groups = [(group, None) for group in CLASS_GROUPS]
     groups += [("tool_call", tool_names.get(i, f"slot{i}")) for i in range(len(rows) - len(CLASS_GROUPS))]
     out: dict[str, float] = {}
     hists: dict[str, Histogram] = {}
@@ -208,6 +292,8 @@ def metrics_from_sums(sums: torch.Tensor, topk: tuple[int, ...], tool_names: dic
             continue
         p = group_prefix(group, tool)
         out[p + "entropy"] = row[COL_ENTROPY] / tokens
+        if binary_entropy:
+            out[p + BINARY_ENTROPY] = row[COL_BINARY_ENTROPY] / tokens
         if row[COL_LABELED] > 0:
             out[p + "perplexity"] = min(math.exp(min(row[COL_NLL] / row[COL_LABELED], 700.0)), PERPLEXITY_CAP)
             out[p + "accuracy"] = row[COL_CORRECT] / row[COL_LABELED]

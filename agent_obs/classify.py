@@ -3,7 +3,8 @@
 Formats: ``function_xml`` (SWE-agent's ``<function=NAME>...</function>``), ``hermes``
 (``<tool_call>{"name": ...}</tool_call>``) or a compiled regex. Apply it to one message at a
 time: system prompts quote example blocks, so a pass over a whole conversation goes wrong.
-Everything runs in time linear in the text plus the tokens.
+Inside the blocks ``find_arg_spans`` finds the argument values, so ``token_tool_args`` can split
+TOOL_CALL tokens into syntax and arguments. Everything runs in time linear in the text plus the tokens.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import bisect
 import itertools
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from agent_obs.offsets import check_offsets_order
@@ -25,6 +26,11 @@ UNKNOWN_TOOL = "unknown"  # the tool name given to a call whose name cannot be r
 _FUNCTION_OPEN, _FUNCTION_CLOSE = "<function=", "</function>"
 _HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
 _HERMES_NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_PARAM_OPEN, _PARAM_CLOSE = "<parameter=", "</parameter>"
+_JSON_WS = " \t\n\r"
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_JSON_SCALAR = re.compile(r'[^\s,:\[\]{}"]+')
+_CLOSERS = {"{": "}", "[": "]"}
 
 
 class ToolCall(NamedTuple):
@@ -137,6 +143,137 @@ def find_tool_spans(
     return [(c.start, c.end) for c in find_tool_calls(text, fmt, strict=strict)]
 
 
+def _xml_values(text: str, call: ToolCall) -> list[tuple[int, int]]:
+    """Values of one ``<function=...>`` block: from ``<parameter=KEY>`` to its ``</parameter>`` or the block's end."""
+    body = text.find(">", call.start + len(_FUNCTION_OPEN)) + 1
+    end = call.end
+    if end - len(_FUNCTION_CLOSE) >= body and text.startswith(_FUNCTION_CLOSE, end - len(_FUNCTION_CLOSE)):
+        end -= len(_FUNCTION_CLOSE)
+    values, pos = [], body
+    while (opener := text.find(_PARAM_OPEN, pos, end)) >= 0:
+        gt = text.find(">", opener + len(_PARAM_OPEN), end)
+        if gt < 0:
+            break
+        close = text.find(_PARAM_CLOSE, gt + 1, end)
+        values.append((gt + 1, end if close < 0 else close))
+        if close < 0:
+            break
+        pos = close + len(_PARAM_CLOSE)
+    return values
+
+
+def _skip_ws(s: str, i: int, end: int) -> int:
+    while i < end and s[i] in _JSON_WS:
+        i += 1
+    return i
+
+
+def _json_value_end(s: str, i: int, end: int) -> tuple[int, bool]:
+    """End of the JSON value at ``s[i]``, and whether it is complete; where the text ends or stops being
+    JSON first, that position and False. Containers are matched by brackets (strings skipped), not validated."""
+    if s[i] == '"':
+        m = _JSON_STRING.match(s, i, end)
+        return (m.end(), True) if m else (end, False)
+    if s[i] in _CLOSERS:
+        stack, j = [], i
+        while j < end:
+            c = s[j]
+            if c == '"':
+                m = _JSON_STRING.match(s, j, end)
+                if m is None:
+                    return end, False
+                j = m.end()
+                continue
+            if c in _CLOSERS:
+                stack.append(_CLOSERS[c])
+            elif c in "]}":
+                if c != stack.pop():
+                    return j, False
+                if not stack:
+                    return j + 1, True
+            j += 1
+        return end, False
+    m = _JSON_SCALAR.match(s, i, end)
+    return (m.end(), True) if m else (i, False)
+
+
+def _json_members(s: str, i: int, end: int) -> Iterator[tuple[str, int, int, bool]]:
+    """``(key, value start, value end, complete)`` of the members of the object at ``s[i] == "{"``,
+    as far as the text is an object (a truncated last value runs to where the text stops)."""
+    j = _skip_ws(s, i + 1, end)
+    while j < end and s[j] == '"':
+        m = _JSON_STRING.match(s, j, end)
+        if m is None:
+            return
+        try:
+            key = json.loads(m[0], strict=False)
+        except ValueError:
+            key = m[0][1:-1]
+        j = _skip_ws(s, m.end(), end)
+        if j >= end or s[j] != ":":
+            return
+        j = _skip_ws(s, j + 1, end)
+        if j >= end:
+            return
+        stop, complete = _json_value_end(s, j, end)
+        if stop == j:
+            return
+        yield key, j, stop, complete
+        j = _skip_ws(s, stop, end)
+        if not complete or j >= end or s[j] != ",":
+            return
+        j = _skip_ws(s, j + 1, end)
+
+
+def _hermes_values(text: str, call: ToolCall) -> list[tuple[int, int]]:
+    """Values of one ``<tool_call>`` block: each member value of ``"arguments"`` (string contents without quotes;
+    an ``arguments`` that is not an object is one value)."""
+    end = call.end
+    if text.startswith(_HERMES_CLOSE, end - len(_HERMES_CLOSE)) and end - len(_HERMES_CLOSE) >= call.start + len(
+        _HERMES_OPEN
+    ):
+        end -= len(_HERMES_CLOSE)
+    i = _skip_ws(text, call.start + len(_HERMES_OPEN), end)
+    if i >= end or text[i] != "{":
+        return []
+    values = []
+    for key, vs, ve, complete in _json_members(text, i, end):
+        if key != "arguments":
+            continue
+        members = (
+            [(a, b, c) for _, a, b, c in _json_members(text, vs, end)] if text[vs] == "{" else [(vs, ve, complete)]
+        )
+        for a, b, c in members:
+            values.append((a + 1, b - 1 if c else b) if text[a] == '"' else (a, b))
+    return values
+
+
+def find_arg_spans(
+    text: str,
+    fmt: str = "function_xml",
+    *,
+    calls: Sequence[ToolCall] | None = None,
+    strict: bool = False,
+) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of the argument values inside the tool-call blocks of one message.
+
+    ``function_xml``: the text between ``<parameter=KEY>`` and its ``</parameter>`` (an unclosed
+    last parameter runs to the end of the block). ``hermes``: the JSON value of each key of
+    ``"arguments"`` (string contents without the quotes, numbers, literals, nested values whole); a
+    truncated body's last value runs to where the text stops being JSON. ``calls`` defaults to
+    ``find_tool_calls(text, fmt, strict=strict)``. Empty values give no span.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(
+            f"argument values are known only for the formats {', '.join(FORMATS)}, not {fmt!r}: "
+            "pass the value spans yourself to token_tool_args"
+        )
+    if calls is None:
+        calls = find_tool_calls(text, fmt, strict=strict)
+    values = _xml_values if fmt == "function_xml" else _hermes_values
+    return [(a, b) for call in calls for a, b in values(text, call) if b > a]
+
+
 def _check_offsets(offsets: Sequence[tuple[int, int]], length: int) -> None:
     for i, (s, e) in enumerate(offsets):
         if s < 0 or e > length:
@@ -201,6 +338,16 @@ def classify_tokens(
     hits = _overlap_index(offsets, _merged(spans))
     empty, inside, outside = TokenClass.IGNORE, TokenClass.TOOL_CALL, TokenClass.REASONING
     return [inside if h >= 0 else (empty if e <= s else outside) for h, (s, e) in zip(hits, offsets, strict=True)]
+
+
+def token_tool_args(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    """Per token, 1 when it overlaps an argument value span (``find_arg_spans``) by >= 1 character, else 0.
+
+    The same overlap rule as TOOL_CALL, so a token marked 1 is always a TOOL_CALL token; the other
+    TOOL_CALL tokens are the call's syntax (tags, names, delimiters, whitespace between them).
+    """
+    offsets = [(int(s), int(e)) for s, e in offsets]
+    return [int(h >= 0) for h in _overlap_index(offsets, _merged(spans))]
 
 
 def token_tool_ids(offsets: Sequence[tuple[int, int]], calls: Sequence[ToolCall]) -> list[int]:

@@ -27,9 +27,9 @@ class InlineEngine:
         self.acc = acc
         self.staged = staged
 
-    def submit(self, logits, labels, classes, slots, *, ignore_index: int) -> None:
-        """Add one chunk of rows ``[N, V]`` (labels/classes/slots ``[N]`` or None) to the open block."""
-        self.staged.update(logits, labels, classes, slots, ignore_index=ignore_index)
+    def submit(self, logits, labels, classes, slots, *, ignore_index: int, **extra) -> None:
+        """Add one chunk of rows ``[N, V]`` (targets ``[N]`` or None; ``extra``: see ``update``) to the open block."""
+        self.staged.update(logits, labels, classes, slots, ignore_index=ignore_index, **extra)
 
     def end_block(self, commit: bool = True) -> None:
         """Fold the block's sums into the interval's (``commit``) or drop them (a failed block)."""
@@ -40,7 +40,7 @@ class InlineEngine:
     def drain(self) -> torch.Tensor:
         """The committed sums so far (then zeroed)."""
         sums = self.acc.sums.clone()
-        self.acc.reset()
+        self.acc.sums.zero_()  # the per-sample table is handed over by ``take_samples``
         return sums
 
     def close(self) -> None:
@@ -72,16 +72,17 @@ class SideStreamEngine:
         self._in_flight: deque[tuple[torch.cuda.Event, tuple[torch.Tensor, ...]]] = deque()
         self._dirty = False  # the side stream has written ``staged`` since the last end_block
 
-    def submit(self, logits, labels, classes, slots, *, ignore_index: int) -> None:
-        """Queue one chunk on the side stream after the work that produced it."""
+    def submit(self, logits, labels, classes, slots, *, ignore_index: int, **extra) -> None:
+        """Queue one chunk on the side stream after the work that produced it (``extra``: see ``update``)."""
         producer = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(producer)
         with torch.cuda.stream(self.stream):
-            self.staged.update(logits, labels, classes, slots, ignore_index=ignore_index)
+            self.staged.update(logits, labels, classes, slots, ignore_index=ignore_index, **extra)
         self._dirty = True
         done = torch.cuda.Event()
         done.record(self.stream)
-        held = tuple(t for t in (logits, labels, classes, slots) if t is not None)
+        tensors = (logits, labels, classes, slots, *extra.values())
+        held = tuple(t for t in tensors if isinstance(t, torch.Tensor))
         self._in_flight.append((done, held))
         self._release_completed()
         while len(self._in_flight) > self.max_in_flight:
@@ -117,7 +118,7 @@ class SideStreamEngine:
         sums = self.acc.sums.clone()
         self.stream.wait_stream(producer)  # the reset waits for the clone
         with torch.cuda.stream(self.stream):
-            self.acc.reset()
+            self.acc.sums.zero_()  # the per-sample table is handed over by ``take_samples``
         return sums
 
     def close(self) -> None:

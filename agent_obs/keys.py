@@ -1,9 +1,10 @@
 """The metric-key grammar shared by compute_metrics, collect() and every exporter.
 
 A key is ``{group prefix}{stat}``: the prefix is ``""`` (all tokens), ``"reasoning_"``,
-``"tool_call_"`` or ``"tool_call.{tool}_"`` (one tool's calls); ``stat`` is one of
-``entropy``, ``perplexity``, ``top{k}_prob``, ``accuracy``, ``tokens``. The overall
-``nonfinite_tokens`` count has no prefix.
+``"tool_call_"``, ``"tool_syntax_"`` / ``"tool_args_"`` (the tool-call tokens outside / inside
+argument values) or ``"tool_call.{tool}_"`` (one tool's calls); ``stat`` is one of ``entropy``,
+``top1_binary_entropy``, ``perplexity``, ``top{k}_prob``, ``accuracy``, ``tokens``. The overall
+``nonfinite_tokens`` and ``outlier_samples`` counts have no prefix.
 """
 
 from __future__ import annotations
@@ -11,19 +12,25 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-CLASS_GROUPS = ("all", "reasoning", "tool_call")
+# The accumulator's leading rows, in order: the token classes, then the split of tool_call into syntax/args.
+CLASS_GROUPS = ("all", "reasoning", "tool_call", "tool_syntax", "tool_args")
+TOOL_PARTS = ("tool_syntax", "tool_args")
 NONFINITE = "nonfinite_tokens"
-_STAT = r"(?P<stat>entropy|perplexity|top(?P<k>\d+)_prob|accuracy|tokens)"
-_KEY = re.compile(r"^(?:(?P<cls>reasoning|tool_call)(?:\.(?P<tool>[a-z0-9_]+))?_)?" + _STAT + "$")
+OUTLIERS = "outlier_samples"  # samples of the window flagged as outliers (see agent_obs.samples)
+BINARY_ENTROPY = "top1_binary_entropy"
+_STAT = r"(?P<stat>entropy|top1_binary_entropy|perplexity|top(?P<k>\d+)_prob|accuracy|tokens)"
+_KEY = re.compile(
+    r"^(?:(?:(?P<part>tool_syntax|tool_args)|(?P<cls>reasoning|tool_call)(?:\.(?P<tool>[a-z0-9_]+?))?)_)?" + _STAT + "$"
+)
 _TOOL_NAME = re.compile(r"[^a-z0-9_]+")
 
 
 class MetricKey(NamedTuple):
-    """A parsed key: ``group`` is all|reasoning|tool_call, ``tool`` a tool name or None."""
+    """A parsed key: ``group`` is one of ``CLASS_GROUPS``, ``tool`` a tool name (tool_call only) or None."""
 
     group: str
     tool: str | None
-    stat: str  # entropy | perplexity | topk_prob | accuracy | tokens
+    stat: str  # entropy | top1_binary_entropy | perplexity | topk_prob | accuracy | tokens
     k: int | None
 
 
@@ -45,4 +52,4 @@ def parse_key(key: str) -> MetricKey | None:
     if m is None:
         return None
     stat = "topk_prob" if m["k"] else m["stat"]
-    return MetricKey(m["cls"] or "all", m["tool"], stat, int(m["k"]) if m["k"] else None)
+    return MetricKey(m["part"] or m["cls"] or "all", m["tool"], stat, int(m["k"]) if m["k"] else None)

@@ -52,12 +52,18 @@ def compute_metrics(
     ignore_index: int = -100,
     topk: tuple[int, ...] = DEFAULT_TOPK,
     chunk_tokens: int | None = None,
+    tool_args: torch.Tensor | None = None,
+    binary_entropy: bool = False,
 ) -> Metrics:
     """Entropy, perplexity, top-k mass and accuracy overall and per class of ``logits [..., V]``.
 
     Computed chunk by chunk in fp32: extra memory stays about ``chunk_tokens x V x 4`` bytes.
+    ``tool_args`` (nonzero inside argument values) adds ``tool_syntax_*``/``tool_args_*``;
+    ``binary_entropy`` the seed's ``top1_binary_entropy``.
     """
     check_inputs(logits.shape, labels, token_classes, ignore_index=ignore_index)
+    if tool_args is not None and (token_classes is None or tool_args.shape != token_classes.shape):
+        raise ValueError("tool_args split the tool_call tokens: pass token_classes of the same shape too")
     vocab = logits.shape[-1]
     acc = StatsAccumulator(topk, device=logits.device, chunk_tokens=chunk_tokens)
     acc.update(
@@ -65,5 +71,6 @@ def compute_metrics(
         None if labels is None else labels.reshape(-1),
         None if token_classes is None else token_classes.reshape(-1),
         ignore_index=ignore_index,
+        tool_args=None if tool_args is None else tool_args.reshape(-1),
     )
-    return acc.metrics()
+    return acc.metrics(binary_entropy=binary_entropy)

@@ -22,9 +22,10 @@ from agent_obs.distributed import ToolSelector, rank, reduce_sums
 from agent_obs.engine import Engine, make_engine
 from agent_obs.exporters.base import Exporter, close_all, export_all, limit_tools
 from agent_obs.kernel import BLOCK
-from agent_obs.keys import NONFINITE
+from agent_obs.keys import NONFINITE, OUTLIERS
 from agent_obs.metrics import check_inputs
 from agent_obs.projection import Projection, find_projection
+from agent_obs.samples import DEFAULT_OUTLIER_K, SampleIndex, collect_samples
 from agent_obs.tensor_parallel import check_replicas, full_logits, tensor_parallel_mesh
 from agent_obs.token_class import TokenClass
 from agent_obs.tools import NO_TOOL, known_tools
@@ -151,6 +152,9 @@ class Observer:
         side_stream: bool,
         max_in_flight: int,
         process_group: torch.distributed.ProcessGroup | None = None,
+        binary_entropy: bool = False,
+        top_n: int = 10,
+        outlier_k: float = DEFAULT_OUTLIER_K,
     ) -> None:
         self.model = model
         self.projection = projection
@@ -169,6 +173,10 @@ class Observer:
         self.max_in_flight = max_in_flight
         self.process_group = process_group
         self._checked_mesh: object = None  # the TP mesh already checked against process_group
+        self.binary_entropy = binary_entropy
+        self.top_n = top_n
+        self.outlier_k = outlier_k
+        self._samples = SampleIndex()  # this log window's sample ids -> rows of the per-sample table
         self.blocks_seen = 0
         self._empty = StatsAccumulator(self.topk, num_tool_slots=self._num_tool_slots).sums
         self._engines: dict[torch.device, Engine] = {}
@@ -191,6 +199,8 @@ class Observer:
         labels: torch.Tensor | None = None,
         token_classes: torch.Tensor | None = None,
         tool_ids: torch.Tensor | None = None,
+        tool_args: torch.Tensor | None = None,
+        sample_ids: torch.Tensor | Sequence[int | str] | None = None,
     ) -> Iterator[None]:
         """Record the projection calls of the forward(s) inside the block against these targets.
 
@@ -200,6 +210,12 @@ class Observer:
         except, by design, for ``tool_ids`` held on the GPU (mapped to slots on the host) and
         ``rows="valid"`` with GPU labels (the valid rows are selected here); host targets are
         copied through pinned memory. Label range checks run only for host labels.
+
+        ``tool_args`` (like ``token_classes``; nonzero inside an argument value, see
+        ``token_tool_args``) splits tool_call into ``tool_syntax_*``/``tool_args_*``. ``sample_ids``
+        names the sample of each sequence (``[B]`` ints or strs) or of each token (``[B, S]`` ints,
+        -1 for none, for packed batches); ``collect()`` then reports the hardest samples. Ids are
+        mapped to rows on the host (a sync if they are on a GPU).
         """
         if self._handle is None:
             raise RuntimeError("this observer is detached: call agent_obs.attach(model) again")
@@ -214,7 +230,9 @@ class Observer:
                 self._skipping = False
             return
         slots_before = dict(self._slots)
-        block = _Block(self._prepare(labels, token_classes, tool_ids), self.rows, self.projection.name)
+        block = _Block(
+            self._prepare(labels, token_classes, tool_ids, tool_args, sample_ids), self.rows, self.projection.name
+        )
         self._block = block
         clean = False  # a block counts all or nothing: its sums (and tool slots) are kept only when it ends cleanly
         try:
@@ -259,7 +277,7 @@ class Observer:
         with torch.no_grad():
             if mesh is not None:
                 output = full_logits(output.detach(), self.projection.vocab_size, self.projection.name)
-            logits, labels, classes, tool_slots = block.take(output.detach())
+            logits, labels, classes, tool_slots, tool_args, sample_rows = block.take(output.detach())
             engine = self._engines.get(logits.device)
             if engine is None:
                 engine = make_engine(
@@ -271,10 +289,19 @@ class Observer:
                     max_in_flight=self.max_in_flight,
                 )
                 self._engines[logits.device] = engine
-            engine.submit(logits, labels, classes, tool_slots, ignore_index=self.ignore_index)
+            engine.submit(
+                logits,
+                labels,
+                classes,
+                tool_slots,
+                ignore_index=self.ignore_index,
+                tool_args=tool_args,
+                sample_rows=sample_rows,
+                num_samples=len(self._samples),
+            )
 
-    def _prepare(self, labels, token_classes, tool_ids) -> dict[str, torch.Tensor | None]:
-        given = {"labels": labels, "token_classes": token_classes, "tool_ids": tool_ids}
+    def _prepare(self, labels, token_classes, tool_ids, tool_args, sample_ids) -> dict[str, torch.Tensor | None]:
+        given = {"labels": labels, "token_classes": token_classes, "tool_ids": tool_ids, "tool_args": tool_args}
         given = {k: None if v is None else torch.as_tensor(v) for k, v in given.items()}
         present = {k: v for k, v in given.items() if v is not None}
         shapes = {k: tuple(v.shape) for k, v in present.items()}
@@ -285,20 +312,34 @@ class Observer:
                 raise ValueError(
                     f"{name} must be an integer tensor [batch, seq] or [seq], got {t.dtype} of shape {tuple(t.shape)}"
                 )
-        labels, classes, tools = (given[k] for k in ("labels", "token_classes", "tool_ids"))
-        if tools is not None and classes is None:
-            raise ValueError("tool_ids split the tool_call tokens by tool: pass token_classes too")
+        labels, classes, tools, args = (given[k] for k in ("labels", "token_classes", "tool_ids", "tool_args"))
+        if (tools is not None or args is not None) and classes is None:
+            raise ValueError("tool_ids/tool_args split the tool_call tokens by tool/part: pass token_classes too")
         if self.rows == "valid" and labels is None:
             raise ValueError('rows="valid" maps logits rows to the tokens whose label is not ignore_index: pass labels')
         if any(t.dim() == 1 for t in present.values()):
-            labels, classes, tools = (None if t is None else t.unsqueeze(0) for t in (labels, classes, tools))
+            labels, classes, tools, args = (
+                None if t is None else t.unsqueeze(0) for t in (labels, classes, tools, args)
+            )
+        rows = None
+        if sample_ids is not None:
+            ref = next((t for t in (labels, classes, tools, args) if t is not None), None)
+            rows = self._samples.rows(sample_ids, None if ref is None else tuple(ref.shape))
         if self.shift_labels:
             labels = None if labels is None else shift_left(labels, self.ignore_index)
             classes = None if classes is None else shift_left(classes, TokenClass.IGNORE)
             tools = None if tools is None else shift_left(tools, NO_TOOL)
+            args = None if args is None else shift_left(args, 0)
+            rows = None if rows is None else shift_left(rows, -1)
         self._validate(labels, classes)
         slots = None if tools is None or not self.max_tools else self._tool_slots(tools, classes)
-        targets = {"labels": labels, "token_classes": classes, "tool_slots": slots}
+        targets = {
+            "labels": labels,
+            "token_classes": classes,
+            "tool_slots": slots,
+            "tool_args": args,
+            "sample_rows": rows,
+        }
         if self.rows == "valid":
             keep = labels != self.ignore_index  # a host sync when labels are on a GPU (documented)
             targets = {k: None if t is None else to_device(t, keep.device)[keep] for k, t in targets.items()}
@@ -422,7 +463,13 @@ class Observer:
         slot_tools = [(tid, known.get(tid)) for tid in self._slots]
         self._slots = {}
         sums, tool_names = reduce_sums(sums, slot_tools, self.max_tools, self._tools, group=self.process_group)
-        metrics = metrics_from_sums(sums.cpu(), self.topk, tool_names)
+        metrics = metrics_from_sums(sums.cpu(), self.topk, tool_names, binary_entropy=self.binary_entropy)
+        samples, outliers = collect_samples(
+            self._samples, self._take_samples(), top_n=self.top_n, outlier_k=self.outlier_k, group=self.process_group
+        )  # collective when distributed, like reduce_sums
+        if outliers >= 0:
+            metrics.samples, metrics[OUTLIERS] = samples, outliers
+        self._samples = SampleIndex()
         observed = metrics.get("tokens", 0.0) + metrics[NONFINITE] > 0
         if observed and (rank() == 0 or not self.rank0_only_export):
             export_all(self.exporters, metrics, step=step, split=split)  # a failing exporter is logged
@@ -436,6 +483,12 @@ class Observer:
         for more in drained[1:]:
             total += more.to(total.device)
         return total
+
+    def _take_samples(self) -> torch.Tensor:
+        """The window's per-sample sums over every device (after ``_drain``: no side-stream work in flight)."""
+        n = len(self._samples)
+        tables = [engine.acc.take_samples(n).cpu() for engine in self._engines.values()]
+        return sum(tables[1:], tables[0]) if tables else StatsAccumulator().take_samples(n)
 
     def detach(self) -> None:
         """Remove the hook and close the exporters; the model is as before ``attach``."""
@@ -477,6 +530,9 @@ def attach(
     side_stream: bool = True,
     max_in_flight: int = 4,
     process_group: torch.distributed.ProcessGroup | None = None,
+    binary_entropy: bool = False,
+    top_n: int = 10,
+    outlier_k: float = DEFAULT_OUTLIER_K,
 ) -> Observer:
     """Hook ``model``'s output projection; wrap forwards in ``obs.observe(...)``, then ``obs.collect()``.
 
@@ -487,7 +543,9 @@ def attach(
     ``side_stream``/``max_in_flight``: the CUDA engine (statistics overlapped on a side stream,
     at most this many chunks in flight). ``process_group``: the ranks ``collect()`` sums over, by default
     all; under tensor parallelism the data-parallel group (TP ranks see the same tokens; ``DTensor``
-    logits are gathered exactly).
+    logits are gathered exactly). ``binary_entropy``: add the seed's ``top1_binary_entropy``
+    keys. ``top_n``/``outlier_k``: how many hardest samples ``collect()`` returns and the outlier
+    threshold (median + k x 1.4826 x MAD of the window's per-sample mean NLL), with ``sample_ids``.
     """
     if not isinstance(every_n_steps, int) or every_n_steps < 1:
         raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
@@ -510,4 +568,7 @@ def attach(
         side_stream=side_stream,
         max_in_flight=max_in_flight,
         process_group=process_group,
+        binary_entropy=binary_entropy,
+        top_n=top_n,
+        outlier_k=outlier_k,
     )

@@ -2,7 +2,8 @@
 
 For people without Grafana: one self-contained HTML page (inline SVG, no external files)
 with train/val curves per token class, the tool_call - reasoning gap, throughput,
-non-finite tokens, per-tool curves and the per-token entropy heatmap when the log has it.
+non-finite tokens, per-tool curves, tool-call syntax vs arguments, the per-token entropy heatmap
+and the hardest trajectories table when the log has them.
 """
 
 from __future__ import annotations
@@ -18,10 +19,28 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent_obs.keys import CLASS_GROUPS, NONFINITE, group_prefix, parse_key
+from agent_obs.keys import CLASS_GROUPS, NONFINITE, TOOL_PARTS, group_prefix, parse_key
 
-CLASS_COLORS = {"all": "#3d3d3d", "reasoning": "#1f77b4", "tool_call": "#ff7f0e"}
-_META_KEYS = {"step", "split", "time", "timestamp", "ts", "run", "event", "histograms", "metrics"}
+CLASS_COLORS = {
+    "all": "#3d3d3d",
+    "reasoning": "#1f77b4",
+    "tool_call": "#ff7f0e",
+    "tool_syntax": "#9467bd",
+    "tool_args": "#2ca02c",
+}
+CLASSES = tuple(c for c in CLASS_GROUPS if c not in TOOL_PARTS)  # the class panels; TOOL_PARTS have their own
+_META_KEYS = {"step", "split", "time", "timestamp", "ts", "run", "event", "histograms", "metrics", "samples"}
+SAMPLE_COLUMNS = (
+    "rank",
+    "tool_call_rank",
+    "tokens",
+    "nll",
+    "entropy",
+    "accuracy",
+    "reasoning_nll",
+    "tool_call_nll",
+    "tool_call_accuracy",
+)
 
 
 @dataclass
@@ -33,6 +52,7 @@ class Record:
     time: float | None
     metrics: dict[str, float]
     histograms: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)  # class -> (edges, counts)
+    samples: list[dict] = field(default_factory=list)  # the window's hardest samples, hardest first
 
 
 class ReportError(ValueError):
@@ -76,6 +96,7 @@ def parse_record(obj: object, where: str) -> Record:
         _time(obj.get("time", obj.get("timestamp"))),
         metrics,
         _histograms(obj.get("histograms")),
+        [x for x in obj.get("samples") or () if isinstance(x, dict) and "id" in x],
     )
 
 
@@ -173,6 +194,7 @@ def draw(records: list[Record], *, k: int | None = None, title: str = ""):
         raise ReportError(f"top-{k} is not in the log (logged: {ks}); pass --k with one of them")
     tools = tool_names(records)
     hist_classes = [c for c in ("reasoning", "tool_call") if any(c in r.histograms for r in records)]
+    anatomy = any("tool_syntax_tokens" in r.metrics for r in records)
     ncols = max(2, len(splits))
     stat_rows = [
         ("entropy", "Entropy", "nats", False),
@@ -180,7 +202,7 @@ def draw(records: list[Record], *, k: int | None = None, title: str = ""):
         *([(f"top{k}_prob", f"Top-{k} probability mass", "fraction", False)] if k else []),
         ("accuracy", "Accuracy", "fraction", False),
     ]
-    nrows = len(stat_rows) + 2 + (2 if tools else 0) + len(hist_classes)
+    nrows = len(stat_rows) + 2 + (2 if tools else 0) + anatomy + len(hist_classes)
     fig = Figure(figsize=(6.2 * ncols, 3.1 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     if title:
@@ -189,7 +211,7 @@ def draw(records: list[Record], *, k: int | None = None, title: str = ""):
     for stat, name, unit, log in stat_rows:
         for col, split in enumerate(splits):
             ax = axes[row][col]
-            for cls in CLASS_GROUPS:
+            for cls in CLASSES:
                 x, y = series(records, split, group_prefix(cls) + stat)
                 if x:
                     ax.plot(x, y, marker="o" if len(x) < 30 else None, ms=3, lw=1.8, color=CLASS_COLORS[cls], label=cls)
@@ -214,7 +236,7 @@ def draw(records: list[Record], *, k: int | None = None, title: str = ""):
     row += 1
     ax = axes[row][0]
     train = splits[0]
-    for cls in CLASS_GROUPS:
+    for cls in CLASSES:
         x, y, rate_unit = rate_series(records, train, group_prefix(cls) + "tokens")
         if x:
             ax.plot(x, y, lw=1.5, color=CLASS_COLORS[cls], label=cls)
@@ -252,6 +274,9 @@ def draw(records: list[Record], *, k: int | None = None, title: str = ""):
                 if ax.lines:
                     ax.legend(fontsize=7, ncols=2)
             row += 1
+    if anatomy:
+        _anatomy_row(axes[row], records, splits)
+        row += 1
     for cls in hist_classes:
         for col, split in enumerate(splits):
             _heatmap(axes[row][col], records, split, cls)
@@ -265,6 +290,20 @@ def draw(records: list[Record], *, k: int | None = None, title: str = ""):
                 ax.set_xlabel("step")
                 ax.grid(alpha=0.3)
     return fig
+
+
+def _anatomy_row(axes, records: list[Record], splits: list[str]) -> None:
+    """Tool call: syntax vs arguments: entropy and accuracy of tool_syntax and tool_args (colour), per split (line)."""
+    for ax, (stat, unit) in zip(axes, (("entropy", "nats"), ("accuracy", "fraction")), strict=False):
+        for split, style in zip(splits, itertools.cycle(("-", "--", ":", "-.")), strict=False):
+            for part in TOOL_PARTS:
+                x, y = series(records, split, group_prefix(part) + stat)
+                if x:
+                    ax.plot(x, y, style, lw=1.8, color=CLASS_COLORS[part], label=f"{part} — {split}")
+        ax.set_title(f"Tool call: syntax vs arguments — {stat}")
+        ax.set_ylabel(unit)
+        if ax.lines:
+            ax.legend(fontsize=8)
 
 
 def _heatmap(ax, records: list[Record], split: str, cls: str) -> None:
@@ -306,6 +345,37 @@ def summary_rows(records: list[Record]) -> list[tuple[str, str, dict[str, float]
     return out
 
 
+def hardest_table(records: list[Record]) -> str:
+    """HTML of the hardest trajectories of the last collect with samples, per split ("" when none logged)."""
+    parts = []
+    for split in split_order(records):
+        last = next((r for r in reversed(records) if r.split == split and r.samples), None)
+        if last is None:
+            continue
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in ("id", *SAMPLE_COLUMNS, "outlier"))
+        rows = []
+        for sample in last.samples:
+            cells = "".join(f"<td>{_fmt_cell(sample.get(c))}</td>" for c in SAMPLE_COLUMNS)
+            flag = "yes" if sample.get("outlier") else ""
+            rows.append(f"<tr><td>{html.escape(str(sample['id']))}</td>{cells}<td>{flag}</td></tr>")
+        parts.append(
+            f"<h3>{html.escape(split)}, step {last.step}</h3>"
+            f"<table class=samples><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        )
+    if not parts:
+        return ""
+    return (
+        "<h2>Hardest trajectories</h2>\n<p>The window's samples with the highest mean NLL (rank) and tool-call mean "
+        "NLL (tool_call_rank); outlier: mean NLL above median + k x MAD of the window.</p>\n" + "\n".join(parts)
+    )
+
+
+def _fmt_cell(v: object) -> str:
+    if v is None or isinstance(v, bool):
+        return ""
+    return str(v) if isinstance(v, int) else _fmt(float(v))
+
+
 def render_html(records: list[Record], fig, *, source: str) -> str:
     """A self-contained page: header, last-value table and the figure as inline SVG."""
     buf = io.StringIO()
@@ -332,6 +402,7 @@ svg{{max-width:100%;height:auto}}
 splits {", ".join(html.escape(s) for s in split_order(records))}. Generated {generated}.</p>
 <h2>Last collect per split and token class</h2>
 <table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>
+{hardest_table(records)}
 <h2>Curves</h2>
 {svg}
 </body></html>

@@ -7,7 +7,10 @@ recipes), AdamW. Each pair runs one step without any hook and one step observing
 (observe + collect), in alternating order; it prints the median step-time ratio, its spread,
 and the peak-RSS increase of a step (sampled every ms) for both.
 
-    python bench/overhead.py [--pairs 8] [--seq 512] [--layers 2]
+    python bench/overhead.py [--pairs 8] [--seq 512] [--layers 2] [--anatomy]
+
+``--anatomy`` also observes the tool-call syntax/arguments split (``tool_args``), per-token sample
+ids (8 packed samples, the hardest-samples table) and the seed's binary entropy.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps of each kind first (kernel compile)")
+    parser.add_argument("--anatomy", action="store_true", help="also tool_args, packed sample ids, binary entropy")
     args = parser.parse_args()
 
     model = build(args.layers, args.seq)
@@ -109,21 +113,28 @@ def main() -> None:
     inputs, labels = tokens[:, :-1], tokens[:, 1:].clone()
     labels[:, : args.seq // 8] = -100  # a prompt that is not trained on
     classes = torch.randint(1, 4, labels.shape, generator=g)
+    extra = {}
+    if args.anatomy:
+        extra = {
+            "tool_args": torch.randint(0, 2, labels.shape, generator=g),
+            "sample_ids": (torch.arange(args.seq) * 8 // args.seq).unsqueeze(0),
+        }
 
     def step(observe: bool) -> tuple[float, float, int]:
-        obs = agent_obs.attach(model) if observe else None
+        obs = agent_obs.attach(model, binary_entropy=args.anatomy) if observe else None
         with PeakRss() as mem:
             start, cpu_start = time.perf_counter(), time.process_time()
             if obs is None:
                 loss = loss_fn(model(inputs), labels)
             else:
-                with obs.observe(labels=labels, token_classes=classes):
+                with obs.observe(labels=labels, token_classes=classes, **extra):
                     loss = loss_fn(model(inputs), labels)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if obs is not None:
-                assert obs.collect()["tokens"] > 0
+                metrics = obs.collect()
+                assert metrics["tokens"] > 0 and bool(metrics.samples) == args.anatomy
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             del loss
         if obs is not None:
@@ -133,6 +144,7 @@ def main() -> None:
     print(f"CPU, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"load average at start: {os.getloadavg()}")
     print(f"model: qwen2 dim 896 vocab 151936 layers {args.layers}, seq {args.seq}, fp32, 8 output chunks, AdamW")
+    print(f"anatomy (tool_args, 8 packed sample ids, binary entropy): {args.anatomy}")
     for _ in range(args.warmup):
         step(False)
         step(True)

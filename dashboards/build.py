@@ -34,7 +34,16 @@ SEL = 'job=~"$job", run="$run"'
 SPLIT = 'split="$split"'
 SPLITS = 'split=~"$split"'
 NATS = "suffix: nats"
-CLASS_COLORS = {"all": "text", "reasoning": "blue", "tool_call": "orange"}
+CLASS_COLORS = {
+    "all": "text",
+    "reasoning": "blue",
+    "tool_call": "orange",
+    "tool_syntax": "purple",
+    "tool_args": "green",
+}
+# The token classes proper; tool_syntax/tool_args (a split of tool_call) have their own row.
+CLASSES = 'token_class=~"all|reasoning|tool_call"'
+TOOL_PARTS = 'token_class=~"tool_syntax|tool_args"'
 
 
 def _q(expr: str, legend: str) -> prometheus.Dataquery:
@@ -73,10 +82,18 @@ def _series(title: str, description: str, unit: str, expr: str, legend: str, *, 
 
 
 def class_panel(
-    title: str, description: str, unit: str, family: str, *, extra: str = "", legend: str = "{{token_class}}"
+    title: str,
+    description: str,
+    unit: str,
+    family: str,
+    *,
+    extra: str = "",
+    legend: str = "{{token_class}}",
+    classes: str = CLASSES,
 ) -> timeseries.Panel:
-    """One statistic for all/reasoning/tool_call, repeated per selected split (train and val side by side)."""
-    expr = f"avg by (token_class{', k' if 'k=' in extra else ''}) ({family}{{{SEL}, {SPLIT}{extra}}})"
+    """One statistic for all/reasoning/tool_call (or ``classes``), repeated per selected split (train and val side
+    by side)."""
+    expr = f"avg by (token_class{', k' if 'k=' in extra else ''}) ({family}{{{SEL}, {SPLIT}, {classes}{extra}}})"
     panel = _series(f"{title} — $split", description, unit, expr, legend, width=24)
     return _class_colors(panel.repeat("split").repeat_direction("h").max_per_row(4))
 
@@ -136,7 +153,7 @@ def rl_entropy_rows() -> list:
     def side(expr: str) -> str:
         return f"avg by (token_class) ({expr})"
 
-    entropy = f"agent_obs_entropy_nats{{{SEL}, {SPLIT}}}"
+    entropy = f"agent_obs_entropy_nats{{{SEL}, {SPLIT}, {CLASSES}}}"
     expr = f"{side(entropy)} / {side(f'max_over_time({entropy}[6h])')}"
     panel = _series(
         "Entropy / its 6h peak (RL) — $split",
@@ -217,6 +234,42 @@ def _variables() -> list:
 GREEN, YELLOW, RED = "green", "yellow", "red"
 
 
+def tool_anatomy_items() -> list:
+    """The row "Tool call: syntax vs arguments" and the hardest-samples outlier count."""
+    return [
+        dash.Row("Tool call: syntax vs arguments"),
+        class_panel(
+            "Tool call entropy: syntax vs arguments",
+            "Mean entropy (nats) of tool-call tokens split into syntax (tags, function and parameter names, "
+            "delimiters) and argument values. Syntax entropy near 0 with high argument entropy: the format is "
+            "learnt, the content is not yet.",
+            NATS,
+            "agent_obs_entropy_nats",
+            classes=TOOL_PARTS,
+        ),
+        class_panel(
+            "Tool call accuracy: syntax vs arguments",
+            "Token accuracy of tool-call syntax vs argument values. Syntax accuracy lagging behind means the "
+            "model still breaks the call format.",
+            "percentunit",
+            "agent_obs_accuracy_ratio",
+            classes=TOOL_PARTS,
+        )
+        .min(0)
+        .max(1),
+        _series(
+            "Outlier samples per interval",
+            "Samples whose mean NLL was above median + k x MAD of their log window "
+            "(increase of agent_obs_outlier_samples_total); their ids are in the JSONL log and structlog events, "
+            "never in Prometheus labels. Needs sample_ids in observe().",
+            "short",
+            f"sum by (split) (increase(agent_obs_outlier_samples_total{{{SEL}, {SPLITS}}}[$__rate_interval]))",
+            "{{split}}",
+            width=24,
+        ),
+    ]
+
+
 def build() -> dict:
     """The dashboard as a JSON-ready dict."""
     steps_ok = [Threshold(value=None, color=GREEN)]
@@ -277,7 +330,8 @@ def build() -> dict:
                 "Tokens per second by class",
                 "Labeled tokens observed per second (rate of agent_obs_tokens_total), per split and token class.",
                 "suffix: tok/s",
-                f"sum by (split, token_class) (rate(agent_obs_tokens_total{{{SEL}, {SPLITS}}}[$__rate_interval]))",
+                f"sum by (split, token_class) (rate(agent_obs_tokens_total{{{SEL}, {SPLITS}, {CLASSES}}}"
+                "[$__rate_interval]))",
                 "{{split}} {{token_class}}",
                 width=6,
             ).height(5)
@@ -364,6 +418,7 @@ def build() -> dict:
             .max(1)
         ),
         *rl_entropy_rows(),
+        *tool_anatomy_items(),
     ]
     for panel_id, item in enumerate(items, start=1):
         d = d.with_row(item.id(panel_id)) if isinstance(item, dash.Row) else d.with_panel(item.id(panel_id))

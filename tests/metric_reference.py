@@ -7,9 +7,10 @@ import math
 import torch
 
 from agent_obs.accumulator import ENTROPY_BUCKETS, PERPLEXITY_CAP
-from agent_obs.keys import NONFINITE, group_prefix
+from agent_obs.keys import BINARY_ENTROPY, NONFINITE, group_prefix
 
 GROUP_CLASSES = {"all": None, "reasoning": 1, "tool_call": 2}
+TOOL_PARTS = {"tool_syntax": False, "tool_args": True}  # tool_call tokens outside / inside an argument value
 
 
 def reference_rows(logits: torch.Tensor, labels: torch.Tensor | None, topk: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -21,6 +22,10 @@ def reference_rows(logits: torch.Tensor, labels: torch.Tensor | None, topk: tupl
     p = logp.exp()
     rows = {"finite": finite, "entropy": -(p * torch.where(p > 0, logp, 0.0)).sum(-1)}
     ranked = p.sort(-1, descending=True).values.cumsum(-1)
+    p1 = ranked[:, 0]
+    rows["binary_entropy"] = torch.tensor(
+        [-sum(q * math.log(q) for q in (a, 1.0 - a) if q > 0) for a in p1.tolist()], dtype=torch.float64
+    )
     for k in topk:
         rows[f"top{k}"] = ranked[:, min(k, x.shape[1]) - 1]
     if labels is not None:
@@ -39,8 +44,14 @@ def reference_metrics(
     topk: tuple[int, ...] = (1, 2, 5, 10),
     tool_slots: torch.Tensor | None = None,
     tool_names: dict[int, str] | None = None,
+    tool_args: torch.Tensor | None = None,
+    binary_entropy: bool = False,
 ) -> tuple[dict[str, float], dict[str, list[int]]]:
-    """The expected metric dict and per-class entropy histogram counts (``[..., V]`` inputs)."""
+    """The expected metric dict and per-class entropy histogram counts (``[..., V]`` inputs).
+
+    ``tool_args`` (nonzero inside argument values) adds the tool_syntax/tool_args groups;
+    ``binary_entropy`` the ``top1_binary_entropy`` keys.
+    """
     vocab = logits.shape[-1]
     x = logits.reshape(-1, vocab)
     lab = None if labels is None else labels.reshape(-1)
@@ -60,6 +71,11 @@ def reference_metrics(
             continue
         members = [i for i in range(n) if selected[i] and (c is None or int(cls[i]) == c)]
         groups.append((group, None, members))
+    if tool_args is not None and cls is not None:
+        args = tool_args.reshape(-1)
+        for group, inside in TOOL_PARTS.items():
+            members = [i for i in range(n) if selected[i] and int(cls[i]) == 2 and (int(args[i]) != 0) == inside]
+            groups.append((group, None, members))
     if tool_slots is not None:
         slots = tool_slots.reshape(-1)
         for slot, name in (tool_names or {}).items():
@@ -74,6 +90,8 @@ def reference_metrics(
         p = group_prefix(group, tool)
         out[p + "tokens"] = float(len(ok))
         out[p + "entropy"] = sum(float(rows["entropy"][i]) for i in ok) / len(ok)
+        if binary_entropy:
+            out[p + BINARY_ENTROPY] = sum(float(rows["binary_entropy"][i]) for i in ok) / len(ok)
         for k in topk:
             out[p + f"top{k}_prob"] = sum(float(rows[f"top{k}"][i]) for i in ok) / len(ok)
         if lab is not None:

@@ -36,13 +36,17 @@ class TinyLM(nn.Module):
 class ObservedTraining:
     """The model, its optimizer and an attached observer exporting to ``exporters``."""
 
-    def __init__(self, exporters: Sequence[Exporter], *, seed: int = 0, lr: float = 0.02) -> None:
+    def __init__(
+        self, exporters: Sequence[Exporter], *, seed: int = 0, lr: float = 0.02, anatomy: bool = False
+    ) -> None:
         torch.manual_seed(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.model = TinyLM()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.observer = attach(self.model, layer="lm_head", exporters=exporters, topk=(1, 5))
         self.step = 0
+        self.anatomy = anatomy  # also pass tool_args (odd tool-call positions) and one sample id per row
+        self.rows_seen = 0
 
     def batch(self) -> tuple[torch.Tensor, ...]:
         """Tokens, labels, classes (first half reasoning, second half a tool call) and tool ids.
@@ -62,10 +66,20 @@ class ObservedTraining:
         tool_ids = torch.where(classes == TokenClass.TOOL_CALL, ids, NO_TOOL)
         return tokens, labels, classes, tool_ids
 
+    def _targets(self, labels, classes, tool_ids) -> dict:
+        """observe()'s keyword arguments for one batch (with the anatomy: tool_args and sample ids)."""
+        targets = {"labels": labels, "token_classes": classes, "tool_ids": tool_ids}
+        if self.anatomy:
+            odd = (torch.arange(SEQ) % 2 == 1).expand(BATCH, SEQ)
+            targets["tool_args"] = (odd & (classes == TokenClass.TOOL_CALL)).long()
+            targets["sample_ids"] = [f"row{self.rows_seen + i}" for i in range(BATCH)]
+            self.rows_seen += BATCH
+        return targets
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step, observed and collected as split "train"."""
         tokens, labels, classes, tool_ids = self.batch()
-        with self.observer.observe(labels=labels, token_classes=classes, tool_ids=tool_ids):
+        with self.observer.observe(**self._targets(labels, classes, tool_ids)):
             logits = self.model(tokens)
         loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
         self.optimizer.zero_grad()
@@ -78,7 +92,7 @@ class ObservedTraining:
     def eval_step(self, split: str = "val") -> dict[str, float]:
         """One observed forward without training, collected as ``split`` at the current step."""
         tokens, labels, classes, tool_ids = self.batch()
-        with self.observer.observe(labels=labels, token_classes=classes, tool_ids=tool_ids):
+        with self.observer.observe(**self._targets(labels, classes, tool_ids)):
             self.model(tokens)
         return self.observer.collect(split, step=self.step)
 

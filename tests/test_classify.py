@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import re
 import subprocess
 import sys
+import unicodedata
 import zlib
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from agent_obs import TokenClass, classify_tokens, find_tool_calls, find_tool_spans, token_tool_ids, tool_id, tool_name
-from agent_obs.classify import UNKNOWN_TOOL
+from agent_obs import (
+    TokenClass,
+    classify_tokens,
+    find_tool_calls,
+    find_tool_spans,
+    token_offsets,
+    token_tool_ids,
+    tool_id,
+    tool_name,
+)
+from agent_obs.classify import UNKNOWN_TOOL, find_arg_spans, token_tool_args
 from agent_obs.keys import sanitize_tool_name
 from agent_obs.tools import NO_TOOL
 
@@ -280,3 +291,188 @@ def test_tool_ids_are_stable_sanitized_crc32_and_registered():
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(other.stdout.split()[-1]) == tool_id("find_file")
+
+
+# ---------------------------------------------------------------- tool-call anatomy: argument values
+
+XML_BODY = re.compile(r"<function=[^>]+>(.*?)</function>", re.DOTALL)
+PARAM_VALUE = re.compile(r"<parameter=[^>]*>(.*?)(?:</parameter>|\Z)", re.DOTALL)
+VALUE_PIECES = st.sampled_from(
+    ["</parameter", "</paramete", "</param", "</parameter >", "<parameter=x>", "</function", "a < b", ">", "<", "\n"]
+)
+VALUE = st.lists(st.one_of(VALUE_PIECES, FREE_TEXT), max_size=4).map("".join)
+
+
+@st.composite
+def xml_args_block(draw) -> str:
+    """A block whose values hold '<', '>', '</parameter' prefixes and openers; maybe an unclosed last parameter."""
+    params = draw(st.lists(st.tuples(st.sampled_from(["command", "old_str", "", "a b"]), VALUE), max_size=3))
+    body = "".join(f"\n<parameter={k}>{v}</parameter>" for k, v in params)
+    if draw(st.booleans()):
+        body += f"\n<parameter={draw(st.sampled_from(['message', 'path']))}>{draw(VALUE)}"  # never closed
+    body += draw(st.sampled_from(["", "\n<parameter=x", "\n<parameter=", "\n"]))
+    close = draw(st.sampled_from(["\n</function>", "</function>", "", "\n</function"]))
+    return f"<function={draw(NAMES)}>{body}{close}"
+
+
+XML_MESSAGES = st.lists(st.one_of(FREE_TEXT, xml_args_block(), xml_block()), max_size=5).map("".join)
+
+
+def ref_xml_values(text: str, strict: bool) -> list[tuple[int, int]]:
+    """Python's regex: each block's body, then each parameter's value up to </parameter> or the body's end."""
+    closed = list(XML_BODY.finditer(text))
+    bodies = [m.span(1) for m in closed]
+    if not strict:
+        tail = OPEN_XML.search(text, closed[-1].end() if closed else 0)
+        if tail is not None:
+            bodies.append((tail.end(), len(text)))
+    out = []
+    for a, b in bodies:
+        out += [(a + m.start(1), a + m.end(1)) for m in PARAM_VALUE.finditer(text[a:b]) if m.end(1) > m.start(1)]
+    return out
+
+
+def ref_args_tokens(offsets, spans, n) -> list[int]:
+    """Brute force per character: a token is an argument token when any of its characters lies in a value."""
+    inside = [False] * n
+    for a, b in spans:
+        for c in range(a, b):
+            inside[c] = True
+    return [int(any(inside[s:e])) for s, e in offsets]
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=XML_MESSAGES, strict=st.booleans())
+def test_function_xml_values_match_regex_reference(text, strict):
+    spans = find_arg_spans(text, strict=strict)
+    assert spans == ref_xml_values(text, strict)
+    calls = find_tool_spans(text, strict=strict)
+    assert all(any(a <= s and e <= b for a, b in calls) for s, e in spans), "a value outside every block"
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=st.data(), strict=st.booleans())
+def test_token_tool_args_match_brute_force_and_are_tool_call_tokens(case, strict):
+    text = case.draw(XML_MESSAGES)
+    n = len(text)
+    cuts = sorted(set(case.draw(st.lists(st.integers(0, n), max_size=40))) | {0, n})
+    offsets = list(itertools.pairwise(cuts)) + case.draw(st.lists(st.tuples(st.integers(0, n), st.integers(0, n))))
+    spans = find_arg_spans(text, strict=strict)
+    args = token_tool_args(offsets, spans)
+    assert args == ref_args_tokens(offsets, ref_xml_values(text, strict), n)
+    classes = classify_tokens(text, offsets, strict=strict)
+    assert all(c == TokenClass.TOOL_CALL for a, c in zip(args, classes, strict=True) if a)
+
+
+JSON_STRINGS = st.one_of(
+    st.text(max_size=8),
+    st.sampled_from(['a"b', "c\\d", "</tool_call", "<b>", "{", "}", "[", "]", ",", ":", "\n", "é", "\\u00e9"]),
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | JSON_STRINGS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(JSON_STRINGS, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@st.composite
+def hermes_args_message(draw) -> tuple[str, int, list[tuple[int, int]]]:
+    """A message with one Hermes call built piece by piece, where each argument value's span is recorded as it is
+    written (string values: the contents between the quotes); returns text, block start and the spans."""
+    dump = functools.partial(json.dumps, ensure_ascii=draw(st.booleans()))
+    colon, sep = draw(st.sampled_from([": ", ":", " : "])), draw(st.sampled_from([", ", ",", ",\n  "]))
+    args = draw(st.one_of(st.dictionaries(JSON_STRINGS, JSON_VALUES, max_size=4), JSON_VALUES))
+    members = [("name", draw(NAMES)), ("arguments", args)]
+    if draw(st.booleans()):
+        members.reverse()
+    out = [draw(st.sampled_from(["", "Let me look.\n", "a < b\n\n"]))]
+    start = len(out[0])
+    out += ["<tool_call>", draw(st.sampled_from(["", "\n", " "])), "{"]
+    spans: list[tuple[int, int]] = []
+
+    def value(v) -> None:
+        at, written = sum(map(len, out)), dump(v)
+        out.append(written)
+        spans.append((at + 1, at + len(written) - 1) if isinstance(v, str) else (at, at + len(written)))
+
+    for i, (key, v) in enumerate(members):
+        out.append((sep if i else "") + dump(key) + colon)
+        if key == "name":
+            out.append(dump(v))
+        elif isinstance(v, dict):
+            out.append("{")
+            for j, (k, w) in enumerate(v.items()):
+                out.append((sep if j else "") + dump(k) + colon)
+                value(w)
+            out.append("}")
+        else:
+            value(v)
+    out += ["}", draw(st.sampled_from(["\n</tool_call>", "</tool_call>"]))]
+    text = "".join(out)
+    assume("</tool_call>" not in text[start : -len("</tool_call>")])
+    return text, start, [(a, b) for a, b in spans if b > a]
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=hermes_args_message(), cut=st.floats(0, 1))
+def test_hermes_values_match_construction_and_truncation_clips_them(case, cut):
+    """Whole blocks give exactly the written value spans; a block cut anywhere (generation stopped) gives the
+    same spans clipped to the cut: a value in progress runs to the end."""
+    text, start, spans = case
+    assert find_arg_spans(text, "hermes") == spans
+    assert find_arg_spans(text, "hermes", strict=True) == spans
+    n = start + round(cut * (len(text) - start))
+    clipped = [(a, min(b, n)) for a, b in spans if min(b, n) > a]
+    assert find_arg_spans(text[:n], "hermes") == clipped
+    assert find_arg_spans(text[:n], "hermes", strict=True) == (clipped if n == len(text) else [])
+
+
+def test_documented_value_spans():
+    xml = "Do.\n<function=str_replace_editor>\n<parameter=old_str>\nif a < b:</parameter>\n<parameter=new_str>x"
+    assert [xml[a:b] for a, b in find_arg_spans(xml)] == ["\nif a < b:", "x"]
+    assert find_arg_spans("<function=submit>\n</function>") == []
+    hermes = '<tool_call>{"name": "bash", "arguments": {"cmd": "ls \\"a\\"", "n": -1.5e3, "f": [true, {}]}}</tool_call>'
+    assert [hermes[a:b] for a, b in find_arg_spans(hermes, "hermes")] == ['ls \\"a\\"', "-1.5e3", "[true, {}]"]
+    openai = '<tool_call>{"name": "bash", "arguments": "{\\"cmd\\": \\"ls\\"}"}</tool_call>'
+    assert [openai[a:b] for a, b in find_arg_spans(openai, "hermes")] == ['{\\"cmd\\": \\"ls\\"}']
+    assert find_arg_spans("<tool_call>not json</tool_call>", "hermes") == []
+    with pytest.raises(ValueError, match="function_xml, hermes"):
+        find_arg_spans("x", re.compile("x"))
+
+
+def test_real_trajectories_values_match_references(trajectories, tokenizers_bpe):
+    """Every assistant message of the real data: value spans equal the regex reference, argument tokens (real BPE
+    offsets) equal the brute-force overlap and are TOOL_CALL tokens, and the data's value kinds occur."""
+    seen = {"values": 0, "lt_in_value": 0, "unclosed_param": 0, "long_value": 0}
+    for convs in trajectories.values():
+        for conv in convs:
+            for m in conv:
+                if m["role"] != "assistant" or not m["content"]:
+                    continue
+                text = unicodedata.normalize("NFC", m["content"])
+                spans = find_arg_spans(text)
+                assert spans == ref_xml_values(text, strict=False)
+                offsets = token_offsets(tokenizers_bpe.encode(text).ids, tokenizers_bpe)
+                args = token_tool_args(offsets, spans)
+                assert args == ref_args_tokens(offsets, spans, len(text))
+                classes = classify_tokens(text, offsets)
+                assert all(c == TokenClass.TOOL_CALL for a, c in zip(args, classes, strict=True) if a)
+                seen["values"] += len(spans)
+                seen["lt_in_value"] += any("<" in text[a:b] for a, b in spans)
+                seen["unclosed_param"] += any(not text.startswith("</parameter>", b) for _, b in spans)
+                seen["long_value"] += any(b - a > 2000 for a, b in spans)
+    assert seen["values"] > 100 and seen["lt_in_value"] > 0 and seen["long_value"] > 0, seen
+
+
+@settings(max_examples=200, deadline=None)
+@given(first=hermes_args_message(), second=hermes_args_message(), data=st.data())
+def test_hermes_values_of_several_blocks_and_their_tokens(first, second, data):
+    """Two calls in one message keep their own values; argument tokens equal the brute-force overlap."""
+    (a, _, spans_a), (b, _, spans_b) = first, second
+    text = a + b
+    spans = spans_a + [(s + len(a), e + len(a)) for s, e in spans_b]
+    assert find_arg_spans(text, "hermes") == spans
+    n = len(text)
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, n), max_size=30))) | {0, n})
+    offsets = list(itertools.pairwise(cuts))
+    assert token_tool_args(offsets, spans) == ref_args_tokens(offsets, spans, n)

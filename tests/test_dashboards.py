@@ -120,8 +120,12 @@ def test_queries_use_only_contract_families_and_cover_them(dashboard):
         "agent_obs_token_entropy_nats_bucket",
         "agent_obs_tool_entropy_nats",
         "agent_obs_tool_accuracy_ratio",
+        "agent_obs_outlier_samples_total",
     }
     assert wanted <= used, wanted - used
+    anatomy = [p for p in _panels(dashboard) if "syntax vs arguments" in p["title"]]
+    assert {p["title"].split(":")[0] for p in anatomy} == {"Tool call entropy", "Tool call accuracy"}
+    assert all('token_class=~"tool_syntax|tool_args"' in p["targets"][0]["expr"] for p in anatomy)
     by_title = {p["title"]: p for p in _panels(dashboard)}
     assert by_title["Perplexity — $split"]["fieldConfig"]["defaults"]["custom"]["scaleDistribution"]["type"] == "log"
     assert any(p["type"] == "heatmap" and p["targets"][0]["format"] == "heatmap" for p in _panels(dashboard))
@@ -179,7 +183,7 @@ def scraped_run():
 
     require_binary("prometheus")
     exporter = PrometheusExporter(port=0, run=RUN)
-    training = ObservedTraining([exporter])
+    training = ObservedTraining([exporter], anatomy=True)
     try:
         with prometheus_server([f"127.0.0.1:{exporter.port}"]) as prom:
             start = time.time()
@@ -231,7 +235,9 @@ def test_every_panel_query_returns_data(dashboard, scraped_run):
                 labels = [series["metric"] for series in result]
                 legend = target["legendFormat"]
                 if "{{token_class}}" in legend:
-                    assert {m["token_class"] for m in labels} == {"all", "reasoning", "tool_call"}, expr
+                    parts = "tool_syntax" in target["expr"]
+                    want = {"tool_syntax", "tool_args"} if parts else {"all", "reasoning", "tool_call"}
+                    assert {m["token_class"] for m in labels} == want, expr
                 if "{{tool}}" in legend:
                     assert {m["tool"] for m in labels} == {"bash", "submit"}, expr
                 if "{{le}}" in legend:

@@ -13,8 +13,10 @@ from agent_obs import StatsAccumulator, TokenClass
 from agent_obs.cli import main
 from agent_obs.exporters.jsonl import JsonlExporter
 from agent_obs.report import ReportError, draw, load_records
+from agent_obs.samples import hardest_samples
 
 V, N = 64, 96
+SAMPLES = 8  # rows are split evenly into this many samples, ids "s0".."s7"
 TOOLS = {0: "bash", 1: "submit"}
 STEPS = {"train": [0, 2, 4, 6, 8], "val": [4, 8]}
 
@@ -54,14 +56,22 @@ def run_log(tmp_path_factory):
             if step not in STEPS[split]:
                 continue
             logits, labels, classes, slots = _batch(step, split)
+            args = torch.arange(N) % 3 == 0
+            rows = torch.arange(N) % SAMPLES
             acc = StatsAccumulator((1, 5), num_tool_slots=2)
-            acc.update(logits, labels, classes, slots)
-            exporter.export(acc.metrics(TOOLS), step=step, split=split)
+            acc.update(logits, labels, classes, slots, tool_args=args, sample_rows=rows, num_samples=SAMPLES)
+            metrics = acc.metrics(TOOLS)
+            metrics.samples, _ = hardest_samples(acc.take_samples(SAMPLES), [f"s{i}" for i in range(SAMPLES)], top_n=3)
+            exporter.export(metrics, step=step, split=split)
+            tool_call = classes == TokenClass.TOOL_CALL
             for cls, mask in (
                 ("all", torch.ones(N, dtype=torch.bool)),
                 ("reasoning", classes == TokenClass.REASONING),
-                ("tool_call", classes == TokenClass.TOOL_CALL),
+                ("tool_call", tool_call),
+                ("tool_syntax", tool_call & ~args),
+                ("tool_args", tool_call & args),
                 ("bash", slots == 0),
+                *((f"s{i}", rows == i) for i in range(SAMPLES)),
             ):
                 refs[(split, step, cls)] = _reference(logits, labels, mask)
     exporter.close()
@@ -152,3 +162,33 @@ def test_bad_logs_name_file_line_and_fix(tmp_path, run_log):
         main(["report", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "x.html")])
     with pytest.raises(SystemExit, match=r"top-3 is not in the log \(logged: \[1, 5\]\)"):
         main(["report", str(run_log[0]), "-o", str(tmp_path / "x.html"), "--k", "3"])
+
+
+@pytest.mark.parametrize("stat", ["entropy", "accuracy"])
+def test_tool_call_syntax_vs_arguments_panel(figure, run_log, stat):
+    """One curve per split and part, equal to the float64 reference over the syntax / argument tokens."""
+    refs = run_log[1]
+    ax = figure[f"Tool call: syntax vs arguments — {stat}"]
+    for split in ("train", "val"):
+        for part in ("tool_syntax", "tool_args"):
+            x, y = _line(ax, f"{part} — {split}")
+            assert x.tolist() == STEPS[split]
+            np.testing.assert_allclose(y, [refs[(split, s, part)][stat] for s in x], rtol=1e-5, atol=1e-6)
+
+
+def test_hardest_trajectories_table(run_log, tmp_path):
+    """The last collect's hardest samples per split, hardest first, with their float64 mean NLL."""
+    refs = run_log[1]
+    out = tmp_path / "report.html"
+    assert main(["report", str(run_log[0]), "-o", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert "<h2>Hardest trajectories</h2>" in page
+    tables = re.findall(r"<h3>(\w+), step (\d+)</h3><table class=samples>(.*?)</table>", page, re.S)
+    assert [(split, int(step)) for split, step, _ in tables] == [("train", 8), ("val", 8)]
+    for split, step, table in tables:
+        rows = re.findall(r"<tr><td>(s\d)</td><td>(\d*)</td><td>\d*</td><td>[^<]*</td><td>([^<]*)</td>", table)
+        nll = {sid: np.log(refs[(split, int(step), sid)]["perplexity"]) for sid in (f"s{i}" for i in range(SAMPLES))}
+        hardest = sorted(nll, key=lambda sid: -nll[sid])[:3]
+        assert [sid for sid, rank, _ in rows if rank] == hardest
+        for sid, _, shown in rows:
+            assert float(shown) == pytest.approx(nll[sid], abs=5e-5)

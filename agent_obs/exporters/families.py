@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from agent_obs.keys import NONFINITE, parse_key
+from agent_obs.keys import NONFINITE, OUTLIERS, parse_key
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def _class_and_tool(stat: str, otel: str, kind: str, unit: str, help_text: str, 
         f"agent_obs.{otel}",
         kind,
         unit,
-        f"{help_text}, per token class (all|reasoning|tool_call)",
+        f"{help_text}, per token class (all|reasoning|tool_call|tool_syntax|tool_args)",
         ("token_class", *extra),
     )
     by_tool = Family(
@@ -59,6 +59,9 @@ _STATS = [
     ),
     _class_and_tool("accuracy", "accuracy", "gauge", "1", "Fraction of tokens whose argmax equals the label"),
     _class_and_tool("tokens", "tokens", "counter", "{token}", "Tokens observed"),
+    _class_and_tool(
+        "top1_binary_entropy", "top1_binary_entropy", "gauge", "nats", "Mean binary entropy of the top-1 probability"
+    ),
 ]
 CLASS_FAMILIES: dict[str, Family] = {stat: fam for stat, fam, _ in _STATS}
 TOOL_FAMILIES: dict[str, Family] = {stat: fam for stat, _, fam in _STATS}
@@ -68,6 +71,14 @@ NONFINITE_FAMILY = Family(
     "counter",
     "{token}",
     "Selected tokens whose logits held NaN/Inf (excluded from every other metric)",
+    (),
+)
+OUTLIER_FAMILY = Family(
+    "agent_obs_outlier_samples_total",
+    "agent_obs.outlier_samples",
+    "counter",
+    "{sample}",
+    "Samples whose mean NLL was above median + k x MAD of their log window (ids in the JSONL/structlog samples)",
     (),
 )
 STEP_FAMILY = Family("agent_obs_step", "agent_obs.step", "gauge", "{step}", "Training step of the last collect", ())
@@ -91,6 +102,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     *CLASS_FAMILIES.values(),
     *TOOL_FAMILIES.values(),
     NONFINITE_FAMILY,
+    OUTLIER_FAMILY,
     STEP_FAMILY,
     LAST_COLLECT_FAMILY,
     HISTOGRAM_FAMILY,
@@ -112,6 +124,9 @@ def metric_samples(metrics: Mapping[str, float]) -> tuple[list[Sample], list[str
     for key, value in metrics.items():
         if key == NONFINITE:
             samples.append(Sample(NONFINITE_FAMILY, (), float(value)))
+            continue
+        if key == OUTLIERS:
+            samples.append(Sample(OUTLIER_FAMILY, (), float(value)))
             continue
         parsed = parse_key(key)
         if parsed is None:

@@ -1,6 +1,6 @@
 """``JsonlExporter``: one JSON line per collect, flushed each time, for offline plots and reports.
 
-Each line is ``{"step", "split", "time", <metric key>: value, ..., "histograms"?: {...}}``;
+Each line is ``{"step", "split", "time", <metric key>: value, ..., "histograms"?: {...}, "samples"?: [...]}``;
 non-finite values are written as null so every line is strict JSON. A crash loses at most
 the line being written.
 """
@@ -33,6 +33,9 @@ def jsonl_record(metrics: Mapping[str, float], *, step: int, split: str, now: fl
             cls: {"edges": list(h.edges), "counts": [float(c) for c in h.counts], "sum": _finite(h.total)}
             for cls, h in hists.items()
         }
+    samples = getattr(metrics, "samples", None)
+    if samples:  # the window's hardest samples (agent_obs.samples), hardest first
+        record["samples"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in s.items()} for s in samples]
     return record
 
 

@@ -4,8 +4,9 @@ Tokens and mask come from the model tokenizer itself (so they are identical to w
 ``SFTDataset`` produces); the classes are found afterwards, one message at a time: each text
 item is encoded alone (as ``tokenize_messages`` does) and located in the token list. Template and
 special tokens around it are IGNORE, non-assistant content CONTEXT, assistant content REASONING
-or TOOL_CALL by ``classify_tokens``. Classification never runs over a whole rendered conversation
-because system prompts quote example tool calls.
+or TOOL_CALL by ``classify_tokens``, and ``tool_args`` marks the TOOL_CALL tokens inside argument
+values (``token_tool_args``). Classification never runs over a whole rendered conversation
+because system prompts quote example tool calls. A ``sample_id`` in the sample is passed through.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from agent_obs.classify import FORMATS
 from agent_obs.token_class import TokenClass
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ def find_run(tokens: Sequence[int], ids: Sequence[int], start: int) -> tuple[int
 
 
 class AgentSFTTransform:
-    """Model transform: the tokenizer's ``tokens``/``mask`` plus ``token_classes`` and ``tool_ids``.
+    """Model transform: the tokenizer's ``tokens``/``mask`` plus ``token_classes``, ``tool_ids`` and ``tool_args``.
 
     Pass it as ``SFTDataset``'s ``model_transform`` (``AgentSFTDataset`` does). With classification
     off the sample is exactly the tokenizer's; when it fails for a sample (logged once) the
@@ -65,17 +67,24 @@ class AgentSFTTransform:
     def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> dict[str, Any]:
         messages = list(sample["messages"])
         out = dict(self.tokenizer(dict(sample), inference=inference))
+        if "sample_id" in sample:  # the row's id, for the hardest samples (observe(sample_ids=...))
+            out["sample_id"] = sample["sample_id"]
         if not self.enable_token_classification:
             return out
-        classes, tool_ids = self.classify(messages, out["tokens"])
-        out["token_classes"] = classes
-        out["tool_ids"] = tool_ids
+        out["token_classes"], out["tool_ids"], tool_args = self.classify_parts(messages, out["tokens"])
+        if self.tool_call_format in FORMATS:  # argument values are known only for these: no fake split otherwise
+            out["tool_args"] = tool_args
         return out
 
     def classify(self, messages: Sequence[Any], tokens: Sequence[int]) -> tuple[list[int], list[int]]:
         """Per-token class and tool id for the tokens of ``messages`` as the tokenizer rendered them."""
+        return self.classify_parts(messages, tokens)[:2]
+
+    def classify_parts(self, messages: Sequence[Any], tokens: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+        """Per-token class, tool id and argument flag (1 inside a tool-call argument value)."""
         classes = [int(TokenClass.IGNORE)] * len(tokens)
         tool_ids = [NO_TOOL] * len(tokens)
+        tool_args = [0] * len(tokens)
         template = getattr(self.tokenizer, "prompt_template", None)
         templated = template(messages) if template is not None else messages
         cursor = 0
@@ -89,18 +98,25 @@ class AgentSFTTransform:
                 pos, length = find_run(tokens, ids, cursor)
                 if length == 0:
                     continue
-                item_classes, item_tools = self._classify_item(message.role, item["content"], ids)
+                item_classes, item_tools, item_args = self._classify_item(message.role, item["content"], ids)
                 classes[pos : pos + length] = item_classes[:length]
                 tool_ids[pos : pos + length] = item_tools[:length]
+                tool_args[pos : pos + length] = item_args[:length]
                 cursor = pos + length
-        return classes, tool_ids
+        return classes, tool_ids, tool_args
 
-    def _classify_item(self, role: str, text: str, ids: list[int]) -> tuple[list[int], list[int]]:
-        context = ([int(TokenClass.CONTEXT)] * len(ids), [NO_TOOL] * len(ids))
+    def _classify_item(self, role: str, text: str, ids: list[int]) -> tuple[list[int], list[int], list[int]]:
+        context = ([int(TokenClass.CONTEXT)] * len(ids), [NO_TOOL] * len(ids), [0] * len(ids))
         if role != "assistant":
             return context
         try:
-            from agent_obs.classify import classify_tokens, find_tool_calls, token_tool_ids
+            from agent_obs.classify import (
+                classify_tokens,
+                find_arg_spans,
+                find_tool_calls,
+                token_tool_args,
+                token_tool_ids,
+            )
             from agent_obs.offsets import token_offsets
 
             text = unicodedata.normalize("NFC", text)
@@ -108,7 +124,10 @@ class AgentSFTTransform:
             calls = find_tool_calls(text, self.tool_call_format, strict=self.strict)
             spans = [(c.start, c.end) for c in calls]
             classes = [int(c) for c in classify_tokens(text, offsets, spans=spans)]
-            return classes, list(token_tool_ids(offsets, calls))
+            args = [0] * len(ids)
+            if self.tool_call_format in FORMATS:
+                args = token_tool_args(offsets, find_arg_spans(text, self.tool_call_format, calls=calls))
+            return classes, list(token_tool_ids(offsets, calls)), args
         except Exception as exc:  # one bad sample must not stop training: it falls back to overall metrics
             if not self._warned:
                 self._warned = True

@@ -4,6 +4,7 @@ from agent_obs.integrations.transformers.callback import AgentObsCallback, fused
 from agent_obs.integrations.transformers.collator import (
     AgentChatCollator,
     EncodedConversation,
+    add_sample_ids,
     encode_conversation,
     message_content_spans,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "AgentObsCallback",
     "EncodedConversation",
     "GRPOObsCallback",
+    "add_sample_ids",
     "classify_completion",
     "encode_conversation",
     "fused_head_reasons",

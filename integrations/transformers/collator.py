@@ -3,8 +3,9 @@
 Each conversation is rendered with the tokenizer's chat template; every message's content is
 located in the rendered text and classified on its own (system prompts quote example tool
 calls, so a regex over the whole text goes wrong): template tokens are IGNORE, content of
-non-assistant messages CONTEXT, assistant content REASONING or TOOL_CALL. Labels are the
-input ids on assistant tokens (and the end-of-turn token after them), -100 elsewhere.
+non-assistant messages CONTEXT, assistant content REASONING or TOOL_CALL, and TOOL_CALL tokens
+inside an argument value are marked in ``tool_args``. Labels are the input ids on assistant tokens
+(and the end-of-turn token after them), -100 elsewhere.
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ from typing import Any, NamedTuple
 
 import torch
 
-from agent_obs.classify import classify_tokens, find_tool_calls, token_tool_ids
+from agent_obs.classify import (
+    FORMATS,
+    classify_tokens,
+    find_arg_spans,
+    find_tool_calls,
+    token_tool_args,
+    token_tool_ids,
+)
 from agent_obs.token_class import TokenClass
 from agent_obs.tools import NO_TOOL
 
 IGNORE_INDEX = -100
+SAMPLE_ID = "sample_id"  # the column ``add_sample_ids`` writes and the collator reads
 _SENTINEL = "\x02agent_obs_message_{}\x03"
 
 
@@ -31,6 +40,7 @@ class EncodedConversation(NamedTuple):
     labels: list[int]
     token_classes: list[int]
     tool_ids: list[int]
+    tool_args: list[int]  # 1 on TOOL_CALL tokens inside an argument value (all 0 for a regex format)
 
 
 def message_content_spans(tokenizer: Any, messages: Sequence[Mapping[str, Any]], text: str) -> list[tuple[int, int]]:
@@ -112,6 +122,7 @@ def encode_conversation(
     offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
     classes = [int(TokenClass.IGNORE)] * len(ids)
     tools = [NO_TOOL] * len(ids)
+    args = [0] * len(ids)
     labels = [IGNORE_INDEX] * len(ids)
     by_message: dict[int, list[int]] = {}
     for t, m in enumerate(_token_owners(offsets, spans)):
@@ -129,14 +140,16 @@ def encode_conversation(
         calls = find_tool_calls(content, fmt, strict=strict)
         cls = classify_tokens(content, rel, spans=[(c.start, c.end) for c in calls])
         tids = token_tool_ids(rel, calls)
-        for t, c, tid in zip(idx, cls, tids, strict=True):
+        inside = token_tool_args(rel, find_arg_spans(content, fmt, calls=calls)) if fmt in FORMATS else [0] * len(idx)
+        for t, c, tid, a in zip(idx, cls, tids, inside, strict=True):
             classes[t] = int(c)
             tools[t] = int(tid)
+            args[t] = a
             labels[t] = ids[t]
         after = idx[-1] + 1
         if train_on_eos and after < len(ids) and ids[after] == tokenizer.eos_token_id:
             labels[after] = ids[after]
-    return EncodedConversation(ids, labels, classes, tools)
+    return EncodedConversation(ids, labels, classes, tools, args)
 
 
 def _token_owners(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
@@ -150,12 +163,23 @@ def _token_owners(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) 
     return owner
 
 
+def add_sample_ids(dataset: Any, column: str = SAMPLE_ID) -> Any:
+    """A ``datasets.Dataset`` with its row index as ``column``, so the collator can name each sample."""
+    return dataset.map(lambda _, i: {column: i}, with_indices=True)
+
+
 @dataclass
 class AgentChatCollator:
     """Collate ``{"messages": [...]}`` examples into padded ``input_ids``, ``attention_mask``,
     ``labels``, ``token_classes`` and ``tool_ids`` tensors for a Trainer with ``AgentObsCallback``.
 
     Use with ``remove_unused_columns=False`` so the ``messages`` column reaches the collator.
+    ``with_tool_args`` adds the ``tool_args`` tensor (observe()'s syntax/arguments split; needs the
+    function_xml or hermes format); when every example has a ``sample_id_key`` column (e.g. the row
+    index from ``add_sample_ids``, or str ids) the batch also gets ``sample_ids``, a plain list (``[B]``)
+    for the hardest samples: a list stays on the host when the Trainer moves tensors to the GPU, so
+    observe() maps it without a device sync. Both are opt-in: the model must not receive them, so the
+    callback has to pop them.
     """
 
     tokenizer: Any
@@ -166,14 +190,28 @@ class AgentChatCollator:
     messages_key: str = "messages"
     assistant_roles: tuple[str, ...] = ("assistant",)
     train_on_eos: bool = True
+    with_tool_args: bool = False
+    sample_id_key: str = SAMPLE_ID
 
     def __post_init__(self) -> None:
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos token)")
+        if self.with_tool_args and self.fmt not in FORMATS:
+            raise ValueError(
+                f"with_tool_args needs a format whose argument values are known ({', '.join(FORMATS)}), not a regex"
+            )
 
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         encoded = [self.encode(f) for f in features]
-        return self.pad(encoded)
+        batch = self.pad(encoded)
+        if features and all(self.sample_id_key in f for f in features):
+            ids = [f[self.sample_id_key] for f in features]
+            if not all(isinstance(i, str) or (isinstance(i, int) and not isinstance(i, bool) and i >= 0) for i in ids):
+                raise ValueError(
+                    f"{self.sample_id_key!r} must hold str ids or non-negative int ids (row indices), got {ids[:3]}"
+                )
+            batch["sample_ids"] = list(ids)
+        return batch
 
     def encode(self, feature: Mapping[str, Any]) -> EncodedConversation:
         """Tokenize and classify one example (truncated to ``max_length``)."""
@@ -206,6 +244,7 @@ class AgentChatCollator:
             "labels": IGNORE_INDEX,
             "token_classes": int(TokenClass.IGNORE),
             "tool_ids": NO_TOOL,
+            **({"tool_args": 0} if self.with_tool_args else {}),
         }
         out: dict[str, list[list[int]]] = {name: [] for name in (*fills, "attention_mask")}
         for e in encoded:
