@@ -117,8 +117,10 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
             ``clip_grad_norm`` is set to ``None``. If you only want to log the grad norm, you can set
             ``clip_grad_norm='inf'``.
 
-        - Tensor Parallelism. ``tensor_parallel_dim`` > 1 with a ``tensor_parallel_plan`` (agent-obs: begin);
-            data parallelism (FSDP) runs over the remaining ranks.
+    Also, with this file's agent-obs additions (agent-obs: begin):
+
+        - Tensor Parallelism. ``tensor_parallel_dim`` > 1 with a ``tensor_parallel_plan`` shards the model over
+            that many ranks and FSDP runs over the rest; detailed metrics sum over the data-parallel ranks only.
 
         - CPU. ``device: cpu`` with ``dtype: fp32`` trains on gloo ranks (memory stats and cache cleanup skipped).
 

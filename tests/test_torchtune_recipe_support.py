@@ -322,3 +322,69 @@ def test_observe_block_scores_each_position_against_the_next_token_and_its_class
     assert got["tokens"] == want["tokens"] == int((shifted != -100).sum())
     for key in ("entropy", "perplexity", "reasoning_entropy", "tool_call_top5_prob", "accuracy"):
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+def _hooks(tmp_path: Path, **top):
+    from agent_obs.integrations.torchtune.recipe_hooks import AgentObsRecipe
+
+    cfg = OmegaConf.create({"output_dir": str(tmp_path), **top})
+    return cfg, AgentObsRecipe(cfg, device=torch.device("cpu"), is_rank_zero=True, log=logging.getLogger("t"))
+
+
+def test_validation_runs_every_n_steps_or_else_at_each_epoch_end(tmp_path):
+    _, every = _hooks(tmp_path, run_val_every_n_steps=2)
+    _, at_end = _hooks(tmp_path)
+    every.val_loader = at_end.val_loader = [{"tokens": [1]}]
+    assert [every.val_due(s) for s in (1, 2, 3, 4)] == [False, True, False, True]
+    assert not every.val_due(4, epoch_end=True)
+    assert not any(at_end.val_due(s) for s in (1, 2, 3)) and at_end.val_due(3, epoch_end=True)
+    at_end.val_loader = None  # no dataset_val: never
+    assert not at_end.val_due(3, epoch_end=True)
+
+
+def test_prepare_config_resolves_seed_paths_and_leaves_the_collate_to_the_samples(tmp_path, caplog):
+    cfg, hooks = _hooks(
+        tmp_path,
+        enable_token_classification=False,
+        dataset={"_component_": "torchtune.datasets.AgentSFTDataset"},
+        dataset_val=[{"_component_": "torchtune.datasets.AgentSFTDataset"}],
+    )
+    with caplog.at_level(logging.INFO):
+        hooks.prepare_config(cfg)
+    assert (
+        "torchtune.datasets.AgentSFTDataset -> agent_obs.integrations.torchtune.dataset.AgentSFTDataset" in caplog.text
+    )
+    assert "collate_fn" in cfg and cfg.collate_fn is None  # unset: chosen per dataset from its samples
+    assert (cfg.dataset.enable_token_classification, cfg.dataset.config_key) == (False, "dataset")
+    assert cfg.dataset_val[0].config_key == "dataset_val[0]"
+    assert hooks.collate_for([{"tokens": [1], "labels": [1], "token_classes": [1]}], False, None) == AGENT_COLLATE
+    assert hooks.collate_for([{"tokens": [1], "labels": [1]}], False, "x.y") == "x.y"
+    assert hooks.collate_name == AGENT_COLLATE  # the first, named by the missing-classes warning
+
+
+def test_train_metrics_reach_the_metric_logger_through_torchtune_metric_logger(tmp_path):
+    """An observed step's collect goes to the recipe's DiskLogger as train_* and to the JSONL exporter alike."""
+    from torchtune.training.metric_logging import DiskLogger
+
+    _, hooks = _hooks(
+        tmp_path, log_detailed_metrics_every_n_steps=2, agent_obs={"jsonl_path": str(tmp_path / "m.jsonl")}
+    )
+    logger = DiskLogger(log_dir=str(tmp_path / "logs"))
+    hooks.start_exporters(logger)
+    model = _Head()
+    hooks.attach(model, None, -100)
+    tokens = torch.randint(0, 40, (1, 7), generator=torch.Generator().manual_seed(1))
+    classes = torch.tensor([[1, 1, 1, 2, 2, 2, 2]])  # reasoning, then a tool call
+    for step in (1, 2):  # step 1 is not observed (every 2)
+        with torch.no_grad(), hooks.observe(step, tokens, (classes, None)):
+            model(tokens)
+        hooks.after_step(step, 0, 1.0, 2)
+    hooks.close()
+    logger.close()
+    (line,) = next((tmp_path / "logs").glob("log_*.txt")).read_text().splitlines()
+    logged = dict(item.rsplit(":", 1) for item in line.partition(" | ")[2].split())
+    (record,) = [json.loads(r) for r in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert line.startswith("Step 2 |") and record["step"] == 2 and record["split"] == "train"
+    assert float(logged["train_tokens"]) == record["tokens"] == 6
+    assert float(logged["train_entropy"]) == pytest.approx(record["entropy"], rel=1e-6)
+    assert "train_reasoning_entropy" in logged and "train_tool_call_entropy" in logged
