@@ -197,6 +197,7 @@ def test_node_keys_win_over_the_seed_keys_and_a_disagreement_is_logged(caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         observer_settings(_cfg(log_detailed_metrics_every_n_steps=4, agent_obs={"every_n_steps": 4}))
+        observer_settings(_cfg(entropy_k=5, agent_obs={"topk": [1, 2, 5]}))
     assert "wins over" not in caplog.text  # the same value twice is no conflict
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['prometheus_prot'\]"):
         observer_settings(_cfg(agent_obs={"prometheus_prot": 9464}))

@@ -102,7 +102,8 @@ def _pick(node: Mapping[str, Any], cfg: Mapping[str, Any], key: str, seed_key: s
     """The node's ``key`` when set, else the seed's top-level value; warn when both are set and disagree."""
     if node.get(key) is None:
         return seed_value
-    if seed_key in cfg and cfg.get(seed_key) is not None and node[key] != seed_value:
+    value = tuple(node[key]) if isinstance(node[key], list) else node[key]
+    if seed_key in cfg and cfg.get(seed_key) is not None and value != seed_value:
         log.warning(
             f"agent-obs: agent_obs.{key}={node[key]} wins over {seed_key}={cfg.get(seed_key)}: "
             f"remove one of them to silence this warning"

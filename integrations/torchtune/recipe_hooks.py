@@ -29,6 +29,9 @@ NO_CLASSES_FIX = (
     "or set enable_token_classification: False"
 )
 
+_OTHER_RANKS = logging.getLogger(__name__ + ".other_ranks")
+_OTHER_RANKS.disabled = True  # ranks > 0 build the same settings; rank 0 says what is wrong with them
+
 
 def cleanup_before_training(device: torch.device) -> None:
     """torchtune's ``cleanup_before_training``, which calls ``torch.cpu.empty_cache`` (absent) on CPU."""
@@ -67,7 +70,7 @@ class AgentObsRecipe:
     """The recipe's agent-obs state: settings from the config, the observer, the val loader, one-time warnings."""
 
     def __init__(self, cfg: DictConfig, *, device: torch.device, is_rank_zero: bool, log: logging.Logger) -> None:
-        self.settings = observer_settings(cfg, log)
+        self.settings = observer_settings(cfg, log if is_rank_zero else _OTHER_RANKS)  # config warnings once
         self.classify = bool(cfg.get("enable_token_classification", True))
         self.run_val_every_n_steps = cfg.get("run_val_every_n_steps", None)
         self.max_val_steps = cfg.get("max_val_steps", None)
