@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -47,15 +48,35 @@ def require_torchtune(command: str) -> None:
         raise ModuleNotFoundError(f"agent-obs {command} needs torchtune: pip install 'agent-obs[torchtune]'")
 
 
-def launch_command(nproc_per_node: int, config: str | Path, overrides: list[str] = ()) -> list[str]:
-    """``torchrun --standalone --nproc_per_node N <recipe file> --config CFG key=value ...`` for this Python."""
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the rendezvous binds it moments later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(
+    nproc_per_node: int, config: str | Path, overrides: list[str] = (), *, rdzv_port: int | None = None
+) -> list[str]:
+    """``torchrun`` on one node for this Python: ``<recipe file> --config CFG key=value ...``.
+
+    The rendezvous store and the workers' address are 127.0.0.1 only (``--standalone``'s store would
+    listen on every interface), the store on ``rdzv_port`` or a free port.
+    """
     if nproc_per_node < 1:
         raise ValueError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        "--nnodes",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_loopback_port() if rdzv_port is None else rdzv_port}",
+        "--local-addr",
+        "127.0.0.1",
         "--nproc_per_node",
         str(nproc_per_node),
         str(recipe_path()),

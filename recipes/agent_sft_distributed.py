@@ -1,33 +1,19 @@
-# ruff: noqa: E501, B028, SIM401, SIM118  (upstream torchtune code kept as it was)
 # Copyright (c) Meta Platforms, Inc. and affiliates.
 # All rights reserved.
 #
 # This source code is licensed under the BSD-style license found in the
 # LICENSE file in the root directory of this source tree.
-#
-# agent-obs: derived from torchtune 0.6.1's recipes/full_finetune_distributed.py (all of its
-# features kept) with CPU guards, a validation loop and per-token-class metrics (entropy,
-# perplexity, top-k mass, accuracy for reasoning vs tool-call tokens) for train and val.
-# Changes are marked "agent-obs". Launch it as a file (the installed torchtune owns the
-# module name ``recipes``):
-#   torchrun --standalone --nproc_per_node 2 recipes/agent_sft_distributed.py --config CFG
-# or `agent-obs run --nproc-per-node 2 --config CFG [key=value ...]`.
 
-import gc
 import sys
 import time
-from contextlib import nullcontext
+
 from functools import partial
-from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List, Optional, Union
 from warnings import warn
 
 import torch
-from agent_obs.integrations.torchtune.collate import default_collate, padded_collate_agent_packed
-from agent_obs.integrations.torchtune.resume import configured_files, resume_checkpoint_files, truncate_jsonl
-from agent_obs.integrations.torchtune.sampler import ShardSampler
-from agent_obs.integrations.torchtune.seed_config import resolve_seed_components
-from omegaconf import DictConfig, ListConfig, open_dict
+from omegaconf import DictConfig, ListConfig
+
 from torch import nn
 from torch.distributed import (
     destroy_process_group,
@@ -41,98 +27,31 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
 from torchtune.config._utils import _get_component_from_path
+from torchtune.data import padded_collate_packed
 from torchtune.datasets import ConcatDataset
 from torchtune.recipe_interfaces import FTRecipeInterface
-from torchtune.training import PROFILER_KEY, DummyProfiler
+from torchtune.training import DummyProfiler, PROFILER_KEY
 from torchtune.training.activations import apply_selective_activation_checkpointing
 from torchtune.training.checkpointing._checkpoint_client import (
     CheckpointClient,
     TrainingProgress,
 )
 from torchtune.training.lr_schedulers import get_lr
+
 from tqdm import tqdm
 
-from agent_obs.token_class import TokenClass
+# agent-obs: begin (this file is torchtune 0.6.1's recipes/full_finetune_distributed.py as released; every change
+# is marked "agent-obs" and its logic lives in agent_obs/integrations/torchtune/recipe_hooks.py. Run it as a file,
+# since the installed torchtune owns the module name ``recipes``: `agent-obs run --nproc-per-node 2 --config CFG`)
+from agent_obs.integrations.torchtune.collate import padded_collate_agent_packed
+from agent_obs.integrations.torchtune.recipe_hooks import AgentObsRecipe, cleanup_before_training, pop_extras
+from agent_obs.integrations.torchtune.sampler import ShardSampler
+# agent-obs: end
 
 log = utils.get_logger("DEBUG")
 
 
-def _observer_topk(entropy_k: int) -> tuple:
-    """agent-obs: the top-k masses reported: 1, 2, 5, 10 up to ``entropy_k``, and ``entropy_k`` itself."""
-    if int(entropy_k) < 1:
-        raise ValueError(f"entropy_k must be >= 1, got {entropy_k}; e.g. entropy_k: 10")
-    return tuple(sorted({k for k in (1, 2, 5, 10) if k <= int(entropy_k)} | {int(entropy_k)}))
-
-
-def _build_exporters(cfg_obs: DictConfig) -> list:
-    """agent-obs: exporters from the ``agent_obs:`` config section (rank 0 only); unset keys are off."""
-    run = cfg_obs.get("run_name", "default")
-    exporters = []
-    if cfg_obs.get("prometheus_port", None) is not None:
-        from agent_obs.exporters.prometheus import PortInUseError, PrometheusExporter
-
-        port, host = int(cfg_obs.prometheus_port), cfg_obs.get("prometheus_host", "127.0.0.1")
-        try:
-            prom = PrometheusExporter(
-                port=port,
-                host=host,
-                run=run,
-                push_gateway=cfg_obs.get("pushgateway_url", None),
-                on_bind_error=cfg_obs.get("on_bind_error", "raise"),
-            )
-        except PortInUseError as error:
-            raise PortInUseError(
-                error.errno,
-                f"agent_obs.prometheus_port={port}: port {port} on {host} is already in use. Set "
-                "agent_obs.prometheus_port to a free port, 0 (any free port, printed at start) or null (off), "
-                "or agent_obs.on_bind_error=warn to train on without serving /metrics",
-            ) from error
-        log.info(f"agent-obs: Prometheus metrics on {prom.url}")
-        exporters.append(prom)
-    if cfg_obs.get("otlp_endpoint", None):
-        from agent_obs.exporters.otel import OTelExporter
-
-        exporters.append(OTelExporter(endpoint=cfg_obs.otlp_endpoint, run=run))
-    if cfg_obs.get("jsonl_path", None):
-        from agent_obs.exporters.jsonl import JsonlExporter
-
-        exporters.append(JsonlExporter(cfg_obs.jsonl_path, histograms=True))
-        log.info(f"agent-obs: JSONL metrics log at {cfg_obs.jsonl_path}")
-    return exporters
-
-
-def _forward_classification_flag(cfg: DictConfig, enabled: bool) -> None:
-    """agent-obs: pass ``enable_token_classification`` (and the config key named in data errors) to
-    AgentSFTDataset nodes that do not set them."""
-    for key in ("dataset", "dataset_val"):
-        nodes = cfg.get(key, None)
-        many = isinstance(nodes, ListConfig)
-        for i, node in enumerate(nodes if many else [nodes]):
-            if node is not None and str(node.get("_component_", "")).endswith("AgentSFTDataset"):
-                with open_dict(node):
-                    node.setdefault("enable_token_classification", enabled)
-                    node.setdefault("config_key", f"{key}[{i}]" if many else key)
-
-
-def _point_resume_at_last_epoch(cfg: DictConfig) -> None:
-    """agent-obs: on resume, read the model from the epoch the recipe state belongs to (``epoch_N/model-*``)
-    unless ``checkpointer.checkpoint_files`` already names files that exist under ``output_dir``."""
-    ckpt = cfg.checkpointer
-    out = Path(ckpt.output_dir)
-    if "checkpoint_files" not in ckpt or all((out / f).is_file() for f in configured_files(ckpt.checkpoint_files)):
-        return
-    files = resume_checkpoint_files(out, ckpt.get("recipe_checkpoint", None))
-    with open_dict(ckpt):
-        ckpt.checkpoint_files = files
-    utils.log_rank_zero(log, f"agent-obs: resuming from {out}/recipe_state and the model files {files}")
-
-
-def _shift(t: torch.Tensor, fill: int) -> torch.Tensor:
-    """agent-obs: align a per-token field with the shifted labels (position t scores token t+1)."""
-    return torch.hstack((t[..., 1:], torch.full_like(t[..., :1], fill)))
-
-
-class AgentSFTRecipeDistributed(FTRecipeInterface):
+class FullFinetuneRecipeDistributed(FTRecipeInterface):
     """
     Full finetuning recipe for dense transformer-based LLMs such as Llama2. This recipe supports
     distributed training and can be run on a single node (1 to 8 GPUs).
@@ -142,7 +61,7 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
             is supported via ``fsdp_cpu_offload``. Resharding of parameters after the forward pass is
             done by default (corresponding to FULL_SHARD sharding strategy), but can be disabled by setting the config
             ``fsdp_reshard_after_forward`` to False (this corresponds to SHARD_GRAD_OP sharding strategy).
-            DDP is currently not supported. Training on CPU is not supported.
+            DDP is currently not supported. Training on CPU runs with gloo (agent-obs).
 
         - Activation Checkpointing. This can be controlled using the ``enable_activation_checkpointing``
             flag. Activation checkpointing helps reduce the memory footprint since we no longer keep
@@ -198,6 +117,23 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
             ``clip_grad_norm`` is set to ``None``. If you only want to log the grad norm, you can set
             ``clip_grad_norm='inf'``.
 
+    Also, with this file's agent-obs additions (agent-obs: begin):
+
+        - Tensor Parallelism. ``tensor_parallel_dim`` > 1 with a ``tensor_parallel_plan`` shards the model over
+            that many ranks and FSDP runs over the rest; detailed metrics sum over the data-parallel ranks only.
+
+        - CPU. ``device: cpu`` with ``dtype: fp32`` trains on gloo ranks (memory stats and cache cleanup skipped).
+
+        - Validation. With ``dataset_val``: loss and detailed metrics every ``run_val_every_n_steps`` steps, or at
+            the end of each epoch when that is unset; over every val row exactly once across data-parallel ranks
+            (``max_val_steps`` caps the batches per rank; ``batch_size_val`` <= ``batch_size``).
+
+        - Observer. Entropy, perplexity, top-k mass and accuracy per token class (reasoning vs tool calls, per
+            tool) for train and val, set in the ``agent_obs:`` node (``topk``, ``every_n_steps``, ``max_tools``,
+            ``max_in_flight``, ``exporters``) or the design document's top-level keys, logged through the
+            metric logger as ``train_*``/``val_*`` and the configured exporters. Resume needs no
+            ``checkpoint_files`` override and cuts the JSONL log back to the checkpoint's step (agent-obs: end).
+
     For a full list of example configs for this recipe, run ``tune ls`` on the command line. Each config
     has example commands for how to kick-off training.
 
@@ -218,30 +154,39 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
 
         if self._dtype == torch.float16:
-            raise ValueError("full fp16 training is not supported with this recipe. Please use bf16 or fp32 instead.")
+            raise ValueError(
+                "full fp16 training is not supported with this recipe. Please use bf16 or fp32 instead."
+            )
 
         # Set up the backend for distributed training (NCCL, GLOO, etc.)
         self._enable_async_checkpointing = cfg.get("enable_async_checkpointing", False)
         self.fsdp_cpu_offload = cfg.get("fsdp_cpu_offload", False)
         self.distributed_backend = training.get_distributed_backend(
             device_type,
-            offload_ops_to_cpu=self.fsdp_cpu_offload or self._enable_async_checkpointing,
+            offload_ops_to_cpu=self.fsdp_cpu_offload
+            or self._enable_async_checkpointing,
         )
         init_process_group(self.distributed_backend)
 
         # Initialize distributed variables
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
-        self.tensor_parallel_plan = config.instantiate(cfg.get("tensor_parallel_plan", None))
+        self.tensor_parallel_plan = config.instantiate(
+            cfg.get("tensor_parallel_plan", None)
+        )
         self.tensor_parallel_dim = cfg.get("tensor_parallel_dim", 1)
         if self.tensor_parallel_dim > 1 and self.tensor_parallel_plan is None:
-            raise ValueError("Tensor Parallel plan needs to be provided when tensor parallel is enabled.")
+            raise ValueError(
+                "Tensor Parallel plan needs to be provided when tensor parallel is enabled."
+            )
         if self.world_size % self.tensor_parallel_dim != 0:
             raise ValueError(
                 f"world_size {self.world_size} must be divisible by tensor_parallel_dim {self.tensor_parallel_dim}"
             )
         if self.tensor_parallel_dim > 1 and cfg.optimizer.get("fused", False):
-            raise ValueError("Tensor parallelism is currently incompatible with fused optimizer.")
+            raise ValueError(
+                "Tensor parallelism is currently incompatible with fused optimizer."
+            )
 
         self.data_parallel_dim = self.world_size // self.tensor_parallel_dim
 
@@ -260,8 +205,11 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._optimizer_in_bwd = cfg.get("optimizer_in_bwd", False)
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
-        if self._resume_from_checkpoint:  # agent-obs: no checkpointer.checkpoint_files override needed
-            _point_resume_at_last_epoch(cfg)
+        # agent-obs: begin (settings from the agent_obs: node; on resume, the model files of the last epoch)
+        self._agent_obs = AgentObsRecipe(cfg, device=self._device, is_rank_zero=self._is_rank_zero, log=log)
+        if self._resume_from_checkpoint:
+            self._agent_obs.point_resume(cfg)
+        # agent-obs: end
         self._checkpoint_client = CheckpointClient(cfg)
 
         # Optimizer in backward is not compatible with gradient accumulation or gradient clipping
@@ -278,16 +226,25 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
                 )
 
         # activation checkpointing/offloading
-        self._enable_activation_checkpointing = cfg.get("enable_activation_checkpointing", False)
-        self._enable_activation_offloading = cfg.get("enable_activation_offloading", False)
+        self._enable_activation_checkpointing = cfg.get(
+            "enable_activation_checkpointing", False
+        )
+        self._enable_activation_offloading = cfg.get(
+            "enable_activation_offloading", False
+        )
         if self._enable_activation_offloading:
             if device_type != "cuda":
-                raise RuntimeError("enable_activation_offloading should only be True when training on CUDA")
+                raise RuntimeError(
+                    "enable_activation_offloading should only be True when training on CUDA"
+                )
             if not self._enable_activation_checkpointing:
                 raise RuntimeError(
                     "enable_activation_offloading should only be True when enable_activation_checkpointing is True"
                 )
-        elif self._enable_activation_checkpointing and cfg.checkpointer.model_type != "LLAMA3_VISION":
+        elif (
+            self._enable_activation_checkpointing
+            and cfg.checkpointer.model_type != "LLAMA3_VISION"
+        ):
             utils.log_rank_zero(
                 log,
                 "Hint: enable_activation_checkpointing is True, but enable_activation_offloading isn't. "
@@ -296,28 +253,15 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
 
         # These are public properties which are updated by the checkpoint loader
         # when ``resume_from_checkpoint`` is `True` or validated in tests
-        self.seed = training.set_seed(seed=cfg.seed, debug_mode=cfg.get("cudnn_deterministic_mode", None))
+        self.seed = training.set_seed(
+            seed=cfg.seed, debug_mode=cfg.get("cudnn_deterministic_mode", None)
+        )
         self.epochs_run = 0
         self.total_epochs = cfg.epochs
         self.max_steps_per_epoch = cfg.max_steps_per_epoch
         self.global_step = 0
 
-        # agent-obs: validation and detailed metrics
-        self._run_val_every_n_steps = cfg.get("run_val_every_n_steps", None)
-        self._max_val_steps = cfg.get("max_val_steps", None)
-        self._enable_detailed_metrics = cfg.get("enable_detailed_metrics", True)
-        self._enable_token_classification = cfg.get("enable_token_classification", True)
-        self._entropy_k = cfg.get("entropy_k", 10)
-        self._detailed_every = int(cfg.get("log_detailed_metrics_every_n_steps", 10))
-        if self._detailed_every < 1:
-            raise ValueError("log_detailed_metrics_every_n_steps must be >= 1")
-        self._progress_lines = cfg.get("progress_lines", False)
-        self._observer = None
-        self._exporters = []
-        self._collate_name = None
-        self._warned_no_classes = False
-
-    def _update_recipe_state(self, ckpt_dict: dict[str, Any]) -> None:
+    def _update_recipe_state(self, ckpt_dict: Dict[str, Any]) -> None:
         """
         Updates the recipe state from checkpoint.
         """
@@ -371,8 +315,7 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
             self._metric_logger = config.instantiate(cfg.metric_logger)
             # log config with parameter override
             self._metric_logger.log_config(cfg)
-            # agent-obs: Prometheus / OTLP / JSONL exporters live on rank 0
-            self._exporters = _build_exporters(cfg.get("agent_obs", None) or DictConfig({}))
+            self._agent_obs.start_exporters(self._metric_logger)  # agent-obs: metric logger + agent_obs.exporters
 
         # Load the base model
         checkpoint_dict = self._checkpoint_client.load_base_checkpoint()
@@ -394,7 +337,11 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         self._optimizer = self._setup_optimizer(
             cfg_optimizer=cfg.optimizer,
             optimizer_in_bwd=self._optimizer_in_bwd,
-            opt_state_dict=(checkpoint_dict[training.OPT_KEY] if training.OPT_KEY in checkpoint_dict else None),
+            opt_state_dict=(
+                checkpoint_dict[training.OPT_KEY]
+                if training.OPT_KEY in checkpoint_dict
+                else None
+            ),
         )
 
         if self._resume_from_checkpoint:
@@ -404,9 +351,15 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
             # progress.
             if self._enable_async_checkpointing:
                 try:
-                    checkpoint_dict = self._checkpoint_client.load_distributed_checkpoint(
-                        self._model,
-                        (self._optim_ckpt_wrapper if self._optimizer_in_bwd else self._optimizer),
+                    checkpoint_dict = (
+                        self._checkpoint_client.load_distributed_checkpoint(
+                            self._model,
+                            (
+                                self._optim_ckpt_wrapper
+                                if self._optimizer_in_bwd
+                                else self._optimizer
+                            ),
+                        )
                     )
                 except Exception as e:
                     log.warning(
@@ -430,17 +383,8 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
 
         # sampler and dataloader depend on the tokenizer and loss_fn and should be
         # setup after both of these are initialized
-        # agent-obs: the design document's component paths (torchtune.datasets.AgentSFTDataset, ...) resolve
-        # to this project's classes; without collate_fn the collate follows the dataset (see _setup_data)
-        seed_paths = resolve_seed_components(cfg)
-        if seed_paths:
-            utils.log_rank_zero(
-                log,
-                "agent-obs: the design document's component paths resolve to this project's classes: "
-                + "; ".join(f"{seed} -> {ours}" for seed, ours in seed_paths),
-            )
-        collate_name = cfg.get("collate_fn", None)
-        _forward_classification_flag(cfg, self._enable_token_classification)
+        self._agent_obs.prepare_config(cfg)  # agent-obs: seed component paths; collate_fn unset follows the data
+        collate_name = cfg.get("collate_fn", "torchtune.data.padded_collate_sft")
         self._dataloader = self._setup_data(
             cfg_dataset=cfg.dataset,
             shuffle=cfg.shuffle,
@@ -455,25 +399,16 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         # by the dataloader, the max_steps_per_epoch param set by the user and the
         # gradient_accumulation_steps param. This value is used for logging and tracking
         # training state. The computation should happen after the dataloader has been setup
-        self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < self._steps_per_epoch:
+        self._steps_per_epoch = (
+            len(self._dataloader) // self._gradient_accumulation_steps
+        )
+        if (
+            self.max_steps_per_epoch is not None
+            and self.max_steps_per_epoch < self._steps_per_epoch
+        ):
             self._steps_per_epoch = self.max_steps_per_epoch
         self.global_step = self.epochs_run * self._steps_per_epoch
-
-        # agent-obs: a resumed run writes the steps after the checkpoint again: drop them from the JSONL log
-        jsonl_path = (cfg.get("agent_obs", None) or {}).get("jsonl_path", None)
-        if self._resume_from_checkpoint and self._is_rank_zero and jsonl_path:
-            removed = truncate_jsonl(jsonl_path, self.global_step)
-            if removed:
-                log.info(
-                    f"agent-obs: resuming at step {self.global_step}: {removed} later line(s) cut from {jsonl_path}"
-                )
-        elif self._is_rank_zero and jsonl_path and Path(jsonl_path).is_file() and Path(jsonl_path).stat().st_size:
-            log.warning(
-                f"agent-obs: {jsonl_path} already holds an earlier run's records and this run appends from step 1, "
-                "so steps repeat: set agent_obs.jsonl_path (or output_dir) to a new path, or resume_from_checkpoint=True "
-                "to continue that run"
-            )
+        self._agent_obs.reconcile_jsonl(self._resume_from_checkpoint, self.global_step)  # agent-obs
 
         # Setup lr scheduler
         self._lr_scheduler = self._setup_lr_scheduler(
@@ -487,41 +422,21 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         self._profiler = self._setup_profiler(cfg.get(PROFILER_KEY, None))
 
         # Used to ignore labels for loss computation
-        self.ignore_labels_cache = torch.full((cfg.batch_size, 1), self._loss_fn.ignore_index, device=self._device)
+        self.ignore_labels_cache = torch.full(
+            (cfg.batch_size, 1), self._loss_fn.ignore_index, device=self._device
+        )
 
-        # agent-obs: validation data (same collate; batches no larger than batch_size) and the observer
-        self._val_dataloader = None
-        if cfg.get("dataset_val", None) is not None:
-            batch_size_val = cfg.get("batch_size_val", cfg.batch_size)
-            if batch_size_val > cfg.batch_size:
-                raise ValueError(
-                    f"batch_size_val={batch_size_val} is larger than batch_size={cfg.batch_size}; "
-                    "set batch_size_val <= batch_size"
-                )
-            self._val_dataloader = self._setup_data(
-                cfg_dataset=cfg.dataset_val,
-                shuffle=False,
-                batch_size=batch_size_val,
-                collate_fn=collate_name,
-                exact=True,
-            )
-        if self._enable_detailed_metrics:
-            from agent_obs.observer import attach
-
-            self._observer = attach(
-                self._model,
-                topk=_observer_topk(self._entropy_k),
-                exporters=self._exporters,
-                process_group=self._dp_group,
-                max_in_flight=(cfg.get("agent_obs", None) or {}).get("max_in_flight", 4),
-            )
+        # agent-obs: begin (validation data, and the observer: collect() sums over the data-parallel ranks)
+        self._agent_obs.setup_val(cfg, self._setup_data)
+        self._agent_obs.attach(self._model, self._dp_group, self._loss_fn.ignore_index)
+        # agent-obs: end
 
     def _setup_lr_scheduler(
         self,
-        cfg_lr_scheduler: DictConfig | None,
+        cfg_lr_scheduler: Optional[DictConfig],
         num_training_steps: int,
         last_epoch: int,
-    ) -> Optimizer | None:
+    ) -> Optional[Optimizer]:
         """
         Set up the learning rate scheduler based on the provided configuration.
         It supports both standard optimization and optimizer-in-backward cases.
@@ -536,7 +451,9 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         """
         if cfg_lr_scheduler is None:
             if self._is_rank_zero:
-                log.info("No learning rate scheduler configured. Using constant learning rate.")
+                log.info(
+                    "No learning rate scheduler configured. Using constant learning rate."
+                )
             return None
 
         if self._optimizer_in_bwd:
@@ -563,7 +480,9 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
 
         return lr_scheduler
 
-    def _setup_profiler(self, cfg_profiler: DictConfig | None = None) -> torch.profiler.profile | DummyProfiler:
+    def _setup_profiler(
+        self, cfg_profiler: Optional[DictConfig] = None
+    ) -> Union[torch.profiler.profile, DummyProfiler]:
         """
         Parses the `profiler` section of top-level `cfg` and sets up profiler
 
@@ -610,13 +529,16 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         if cfg_profiler.get("_component_", None) is None:
             cfg_profiler["_component_"] = "torchtune.training.setup_torch_profiler"
         else:
-            assert cfg_profiler.get("_component_") == "torchtune.training.setup_torch_profiler", (
-                "Only torch profiler supported currently: component must be `torchtune.training.setup_torch_profiler`"
-            )
+            assert (
+                cfg_profiler.get("_component_")
+                == "torchtune.training.setup_torch_profiler"
+            ), "Only torch profiler supported currently: component must be `torchtune.training.setup_torch_profiler`"
 
         profiler, profiler_cfg = config.instantiate(cfg_profiler)
 
-        utils.log_rank_zero(log, f" Profiler config after instantiation: {profiler_cfg}")
+        utils.log_rank_zero(
+            log, f" Profiler config after instantiation: {profiler_cfg}"
+        )
         if self._is_rank_zero:
             self.profiler_profile_memory = profiler_cfg.get("profile_memory", False)
             if profiler_cfg["enabled"]:
@@ -633,10 +555,10 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         enable_activation_offloading: bool,
         fsdp_cpu_offload: bool,
         reshard_after_forward: bool,
-        model_state_dict: dict[str, Any],
-        custom_sharded_layers: list[str] | None = None,
-        ac_mode: str | None = None,
-        ac_option: int | None = None,
+        model_state_dict: Dict[str, Any],
+        custom_sharded_layers: Optional[List[str]] = None,
+        ac_mode: Optional[str] = None,
+        ac_option: Optional[int] = None,
     ) -> nn.Module:
         """
         Model initialization has some important considerations:
@@ -692,7 +614,9 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
 
         # original activation checkpointing (full) - flip the condition above
         if enable_activation_checkpointing and ac_mode is None:
-            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+            training.set_activation_checkpointing(
+                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
+            )
 
         # Apply Fully Sharded Data Parallelism to the model
         if self.data_parallel_dim > 1:
@@ -727,7 +651,9 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         )
 
         # activation offloading
-        self.activations_handling_ctx = training.get_act_offloading_ctx_manager(model, enable_activation_offloading)
+        self.activations_handling_ctx = training.get_act_offloading_ctx_manager(
+            model, enable_activation_offloading
+        )
 
         # Ensure no params and buffers are on meta device
         training.validate_no_params_on_meta_device(model)
@@ -750,16 +676,23 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         self,
         cfg_optimizer: DictConfig,
         optimizer_in_bwd: bool = False,
-        opt_state_dict: dict[str, Any] | None = None,
-    ) -> Optimizer | None:
+        opt_state_dict: Optional[Dict[str, Any]] = None,
+    ) -> Optional[Optimizer]:
         if optimizer_in_bwd:
             # Maintain a dict of optims for every parameter.
-            optim_dict = {param: config.instantiate(cfg_optimizer, [param]) for param in self._model.parameters()}
+            optim_dict = {
+                param: config.instantiate(cfg_optimizer, [param])
+                for param in self._model.parameters()
+            }
 
             # Register optimizer step hooks on the model to run optimizer in backward.
-            training.register_optim_in_bwd_hooks(model=self._model, optim_dict=optim_dict)
+            training.register_optim_in_bwd_hooks(
+                model=self._model, optim_dict=optim_dict
+            )
             # Create a wrapper for checkpoint save/load of optimizer states when running in backward.
-            self._optim_ckpt_wrapper = training.create_optim_in_bwd_wrapper(model=self._model, optim_dict=optim_dict)
+            self._optim_ckpt_wrapper = training.create_optim_in_bwd_wrapper(
+                model=self._model, optim_dict=optim_dict
+            )
             # Load optimizer states for each param. If optimizer states are being restored in an optimizer in
             # backward run, these need to have been saved with the same setting. Cannot restore from runs that
             # did not use optimizer in backward.
@@ -797,9 +730,9 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         cfg_dataset: DictConfig,
         shuffle: bool,
         batch_size: int,
-        collate_fn: str | None,
-        dataloader_state_dict: dict[str, Any] | None = None,
-        exact: bool = False,
+        collate_fn: str,
+        dataloader_state_dict: Optional[Dict[str, Any]] = None,
+        exact: bool = False,  # agent-obs: validation: every row once (no sampler padding, no drop_last)
     ) -> StatefulDataLoader:
         """
         All data related setup happens here. This recipe currently supports only
@@ -807,30 +740,27 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         it is loaded into the dataloader.
         """
         if isinstance(cfg_dataset, ListConfig):
-            datasets = [config.instantiate(single_cfg_dataset, self._tokenizer) for single_cfg_dataset in cfg_dataset]
+            datasets = [
+                config.instantiate(single_cfg_dataset, self._tokenizer)
+                for single_cfg_dataset in cfg_dataset
+            ]
             ds = ConcatDataset(datasets=datasets)
             packed = getattr(ds, "packed", False)
         else:
             ds = config.instantiate(cfg_dataset, self._tokenizer)
             packed = cfg_dataset.get("packed", False)
-
-        # agent-obs: without collate_fn, samples with token_classes get the agent collate (torchtune's drops them)
-        if collate_fn is None:
-            collate_fn = default_collate(ds[0] if len(ds) else {})
-            if not packed and self._collate_name is None:
-                utils.log_rank_zero(log, f"agent-obs: collate_fn is not set; the dataset's samples use {collate_fn}")
-        self._collate_name = self._collate_name or collate_fn
+        collate_fn = self._agent_obs.collate_for(ds, packed, collate_fn)  # agent-obs: unset: follow the samples
 
         # Instantiate collate_fn
         if "left_pad_sequence" in collate_fn:
             raise RuntimeError("left_pad_sequence collator is only for inference.")
         collate_fn = _get_component_from_path(collate_fn)
 
-        # agent-obs: exact=True (validation): every row once over the data-parallel ranks, no padding rows
-        if exact:
-            sampler = ShardSampler(len(ds), num_replicas=self.dp_size, rank=self.dp_rank)
-        else:
-            sampler = StatefulDistributedSampler(ds, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle)
+        sampler = StatefulDistributedSampler(
+            ds, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle
+        )
+        if exact:  # agent-obs
+            sampler = ShardSampler(len(ds), num_replicas=self.dp_size, rank=self.dp_rank)  # agent-obs
         dataloader = StatefulDataLoader(
             dataset=ds,
             batch_size=batch_size,
@@ -842,10 +772,10 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
                     ignore_idx=self._loss_fn.ignore_index,
                 )
                 if not packed
-                else padded_collate_agent_packed  # agent-obs: keeps token_classes/tool_ids
+                else padded_collate_agent_packed  # agent-obs: keeps token_classes and tool_ids
             ),
-            # dropping last avoids shape issues with compile + flex attention (agent-obs: not for validation)
-            drop_last=not exact,
+            # dropping last avoids shape issues with compile + flex attention
+            drop_last=not exact,  # agent-obs: validation keeps its last, partial batch
         )
 
         return dataloader
@@ -854,11 +784,8 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         """
         The core training loop.
         """
-        # clean up before training begins (agent-obs: torch.cpu has no empty_cache)
-        if self._device.type == "cpu":
-            gc.collect()
-        else:
-            training.cleanup_before_training()
+        # clean up before training begins
+        cleanup_before_training(self._device)  # agent-obs: torch.cpu has no empty_cache
 
         # zero out the gradients before starting training
         if not self._optimizer_in_bwd:
@@ -875,10 +802,7 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
         self._profiler.start()
         # self.epochs_run should be non-zero when we're resuming from a checkpoint
         for curr_epoch in range(self.epochs_run, self.total_epochs):
-            pbar = tqdm(
-                total=self._steps_per_epoch,
-                disable=not self._is_rank_zero or self._progress_lines,
-            )
+            pbar = tqdm(total=self._steps_per_epoch, disable=not self._is_rank_zero or self._agent_obs.progress_lines)  # agent-obs
             self._dataloader.sampler.set_epoch(curr_epoch)
             for idx, batch in enumerate(self._dataloader):
                 # Start tracking CUDA memory for active steps for just the first epoch
@@ -890,29 +814,28 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
                     and self._device.type == "cuda"
                 ):
                     torch.cuda.memory._record_memory_history()
-                # agent-obs: per-token extras are not model inputs
-                token_classes = batch.pop("token_classes", None)
-                tool_ids = batch.pop("tool_ids", None)
+                extras = pop_extras(batch)  # agent-obs: token classes and tool ids, kept on the host
                 utils.batch_to_device(batch, self._device)
 
                 # Calculate the number of unmasked tokens in the current batch
                 # and increment the total number of tokens seen in the step
-                current_num_tokens = (batch["labels"] != self._loss_fn.ignore_index).sum()
+                current_num_tokens = (
+                    batch["labels"] != self._loss_fn.ignore_index
+                ).sum()
                 num_tokens += current_num_tokens
 
                 # Shape [b, s], needed for the loss not the model
                 labels = batch.pop("labels")
 
+                with self.activations_handling_ctx, self._agent_obs.observe(self.global_step + 1, labels, extras):  # agent-obs
+                    logits = self._model(**batch)
+
                 # Shift labels to compute loss
                 # equivalent to doing labels[..., 1:] and logits[..., :-1, :]
                 # But this way we dont need to slice the logits. We just add an ignore index to labels.
-                # (agent-obs: shifted before the forward so the observer sees aligned labels)
-                labels = torch.hstack((labels[..., 1:], self.ignore_labels_cache[: labels.shape[0]]))
-
-                observing = self._observe_step(self.global_step + 1)
-                with self.activations_handling_ctx, self._observe(observing, labels, token_classes, tool_ids):
-                    logits = self._model(**batch)
-
+                labels = torch.hstack(
+                    (labels[..., 1:], self.ignore_labels_cache[: labels.shape[0]])
+                )
                 if not isinstance(logits, list):
                     labels = labels.reshape(-1)
                     logits = logits.reshape(-1, logits.size(-1))
@@ -968,34 +891,33 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
 
                     loss_to_log = running_loss.item() / num_tokens
                     pbar.update(1)
-                    pbar.set_description(f"{curr_epoch + 1}|{self.global_step}|Loss: {loss_to_log}")
-
-                    # agent-obs: detailed train metrics (collect is collective: every rank calls it)
-                    if self._observer is not None and observing:
-                        detailed = self._observer.collect(split="train", step=self.global_step)
-                        if self._is_rank_zero:
-                            self._metric_logger.log_dict(
-                                {f"train_{k}": float(v) for k, v in detailed.items()},
-                                step=self.global_step,
-                            )
-                    if self._progress_lines and self._is_rank_zero:
-                        log.info(
-                            f"step {self.global_step}/{self.total_epochs * self._steps_per_epoch} "
-                            f"epoch {curr_epoch + 1} loss {float(loss_to_log):.4f}"
-                        )
+                    pbar.set_description(
+                        f"{curr_epoch + 1}|{self.global_step}|Loss: {loss_to_log}"
+                    )
+                    self._agent_obs.after_step(self.global_step, curr_epoch, loss_to_log, self.total_epochs * self._steps_per_epoch)  # agent-obs
 
                     # Log per-step metrics
-                    if self.global_step % self._log_every_n_steps == 0 and self._is_rank_zero:
+                    if (
+                        self.global_step % self._log_every_n_steps == 0
+                        and self._is_rank_zero
+                    ):
                         time_per_step = time.perf_counter() - t0
                         log_dict = {
                             "loss": loss_to_log,
                             "lr": get_lr(
-                                (self._optimizer if not self._optimizer_in_bwd else self._optim_ckpt_wrapper),
+                                (
+                                    self._optimizer
+                                    if not self._optimizer_in_bwd
+                                    else self._optim_ckpt_wrapper
+                                ),
                             ),
-                            "tokens_per_second_per_gpu": num_tokens / (time_per_step * self.world_size),
+                            "tokens_per_second_per_gpu": num_tokens
+                            / (time_per_step * self.world_size),
                         }
                         if self._log_peak_memory_stats:
-                            log_dict.update(training.get_memory_stats(device=self._device))
+                            log_dict.update(
+                                training.get_memory_stats(device=self._device)
+                            )
                         if self._clip_grad_norm is not None:
                             log_dict.update({"grad_norm": grad_norm})
                         self._metric_logger.log_dict(
@@ -1007,22 +929,19 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
                     running_loss = 0
                     num_tokens = 0
                     t0 = time.perf_counter()
-
-                    # agent-obs: validation (every rank takes part: FSDP forwards are collective)
-                    if (
-                        self._val_dataloader is not None
-                        and self._run_val_every_n_steps
-                        and self.global_step % self._run_val_every_n_steps == 0
-                    ):
-                        self.validate()
-                        t0 = time.perf_counter()
+                    if self._agent_obs.val_due(self.global_step):  # agent-obs
+                        self._agent_obs.validate(self._model, self._loss_fn, self._tokenizer.pad_id, self.global_step)  # agent-obs
+                        t0 = time.perf_counter()  # agent-obs
 
                     # Stop tracking CUDA memory now that active steps are complete
                     if (
                         self._is_rank_zero
                         and curr_epoch == 0
                         and self.profiler_profile_memory
-                        and idx == self.profiler_wait_steps + self.profiler_warmup_steps + self.profiler_active_steps
+                        and idx
+                        == self.profiler_wait_steps
+                        + self.profiler_warmup_steps
+                        + self.profiler_active_steps
                         and self._device.type == "cuda"
                     ):
                         torch.cuda.memory._record_memory_history(enabled=None)
@@ -1032,17 +951,21 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
                     # will include multiple forward / backward passes if gradient accumulation > 1
                     self._profiler.step()
 
-                if ((idx + 1) // self._gradient_accumulation_steps) == self.max_steps_per_epoch:
+                if (
+                    (idx + 1) // self._gradient_accumulation_steps
+                ) == self.max_steps_per_epoch:
                     break
 
-            # agent-obs: without run_val_every_n_steps, validate at the end of each epoch
-            if self._val_dataloader is not None and not self._run_val_every_n_steps:
-                self.validate()
-
+            if self._agent_obs.val_due(self.global_step, epoch_end=True):  # agent-obs
+                self._agent_obs.validate(self._model, self._loss_fn, self._tokenizer.pad_id, self.global_step)  # agent-obs
             self.epochs_run += 1
             self._checkpoint_client.save_checkpoint(
                 model=self._model,
-                optimizer=(self._optimizer if not self._optimizer_in_bwd else self._optim_ckpt_wrapper),
+                optimizer=(
+                    self._optimizer
+                    if not self._optimizer_in_bwd
+                    else self._optim_ckpt_wrapper
+                ),
                 training_progress=TrainingProgress(
                     seed=self.seed,
                     epochs_run=self.epochs_run,
@@ -1055,96 +978,9 @@ class AgentSFTRecipeDistributed(FTRecipeInterface):
 
         self._profiler.stop()
 
-    def _observe_step(self, step: int) -> bool:
-        """agent-obs: whether the optimizer step ``step`` gets detailed metrics."""
-        return self._observer is not None and step % self._detailed_every == 0
-
-    def _observe(self, observing, labels, token_classes, tool_ids):
-        """agent-obs: the observer context for one forward (a no-op when not observing)."""
-        if not observing:
-            return nullcontext()
-        if self._enable_token_classification and token_classes is None:
-            self._warn_no_classes()
-        classes = tools = None
-        if self._enable_token_classification and token_classes is not None:
-            classes = _shift(token_classes, int(TokenClass.IGNORE))  # host: the observer maps tool slots first
-            if tool_ids is not None:
-                tools = _shift(tool_ids, -1)
-        return self._observer.observe(labels=labels, token_classes=classes, tool_ids=tools)
-
-    def _warn_no_classes(self) -> None:
-        """agent-obs: one warning when classification is on but batches carry no ``token_classes``."""
-        if self._warned_no_classes:
-            return
-        self._warned_no_classes = True
-        if self._is_rank_zero:
-            log.warning(
-                "agent-obs: enable_token_classification is True but a batch arrived without token_classes, so only "
-                "the overall metrics are logged (no reasoning_/tool_call_ keys). Cause: "
-                f"collate_fn {self._collate_name} drops them, or the dataset does not produce them. Fix: use "
-                "dataset._component_: agent_obs.integrations.torchtune.dataset.AgentSFTDataset with collate_fn: "
-                "agent_obs.integrations.torchtune.collate.padded_collate_agent_sft (or no collate_fn), "
-                "or set enable_token_classification: False"
-            )
-
-    def _val_steps(self) -> int:
-        """agent-obs: forwards per rank in one validation: the most batches any rank holds, capped by max_val_steps."""
-        steps = torch.tensor(len(self._val_dataloader), device=self._device)
-        torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
-        return int(steps) if self._max_val_steps is None else min(int(steps), int(self._max_val_steps))
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """agent-obs: loss and detailed metrics over ``dataset_val`` (all of it, or ``max_val_steps`` batches per rank).
-
-        Each row counts once; a rank out of rows runs a padding forward, unobserved, since FSDP forwards are collective.
-        """
-        self._model.eval()
-        total_loss = torch.zeros((), device=self._device, dtype=torch.float64)
-        total_tokens = torch.zeros((), device=self._device, dtype=torch.float64)
-        batches = iter(self._val_dataloader)
-        for _ in range(self._val_steps()):
-            batch = next(batches, None)
-            if batch is None:
-                self._model(tokens=torch.full((1, 8), self._tokenizer.pad_id, device=self._device))
-                continue
-            token_classes = batch.pop("token_classes", None)
-            tool_ids = batch.pop("tool_ids", None)
-            utils.batch_to_device(batch, self._device)
-            labels = batch.pop("labels")
-            labels = _shift(labels, self._loss_fn.ignore_index)
-            n = (labels != self._loss_fn.ignore_index).sum()
-            with self._observe(self._observer is not None, labels, token_classes, tool_ids):
-                logits = self._model(**batch)
-            if not isinstance(logits, list):
-                labels = labels.reshape(-1)
-                logits = logits.reshape(-1, logits.size(-1))
-            total_loss += self._loss_fn(logits, labels).double() * n
-            total_tokens += n
-            del logits
-        torch.distributed.all_reduce(total_loss)
-        torch.distributed.all_reduce(total_tokens)
-        result = {"loss": float(total_loss / total_tokens.clamp(min=1))}
-        if self._observer is not None:
-            result.update({k: float(v) for k, v in self._observer.collect(split="val", step=self.global_step).items()})
-        if self._is_rank_zero:
-            self._metric_logger.log_dict({f"val_{k}": v for k, v in result.items()}, step=self.global_step)
-            if self._progress_lines:
-                log.info(
-                    f"step {self.global_step} val_loss {result['loss']:.4f}"
-                    + (f" val_perplexity {result['perplexity']:.2f}" if "perplexity" in result else "")
-                )
-        self._model.train()
-        return result
-
     def cleanup(self) -> None:
-        if self._observer is not None:
-            self._observer.detach()  # also closes the exporters
+        self._agent_obs.close()  # agent-obs: detach the observer, close the exporters
         if self._is_rank_zero:
-            if self._observer is None:
-                from agent_obs.exporters.base import close_all
-
-                close_all(self._exporters)
             self._metric_logger.close()
         destroy_process_group()
 
@@ -1158,8 +994,8 @@ def recipe_main(cfg: DictConfig) -> None:
         - Parameters specified in config (see available configs through ``tune ls``)
         - Overwritten by arguments from the command-line
     """
-    config.log_config(recipe_name="AgentSFTRecipeDistributed", cfg=cfg)
-    recipe = AgentSFTRecipeDistributed(cfg=cfg)
+    config.log_config(recipe_name="FullFinetuneRecipeDistributed", cfg=cfg)
+    recipe = FullFinetuneRecipeDistributed(cfg=cfg)
     recipe.setup(cfg=cfg)
     recipe.train()
     recipe.cleanup()

@@ -150,9 +150,15 @@ def test_launch_command_runs_the_recipe_file_with_torchrun_and_names_known_confi
     from agent_obs.launch import launch_command
     from agent_obs.resources import recipe_path
 
-    cmd = launch_command(2, "agent_sft_tiny_cpu", ["epochs=1"])
-    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    assert cmd[6] == str(recipe_path()) and Path(cmd[8]).name == "agent_sft_tiny_cpu.yaml" and cmd[-1] == "epochs=1"
+    cmd = launch_command(2, "agent_sft_tiny_cpu", ["epochs=1"], rdzv_port=29555)
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--standalone" not in cmd  # its store listens everywhere
+    assert cmd[3:13] == [
+        "--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29555", "--local-addr", "127.0.0.1",
+        "--nproc_per_node", "2",
+    ]  # fmt: skip
+    assert cmd[13] == str(recipe_path()) and Path(cmd[15]).name == "agent_sft_tiny_cpu.yaml" and cmd[-1] == "epochs=1"
+    host, port = launch_command(1, "agent_sft_tiny_cpu")[8].split(":")
+    assert host == "127.0.0.1" and 0 < int(port) < 65536  # a free loopback port by default
     with pytest.raises(
         FileNotFoundError,
         match="agent_sft_distributed, agent_sft_seed_tiny_cpu, agent_sft_tiny_cpu, agent_sft_tp_tiny_cpu",
@@ -176,6 +182,9 @@ def test_config_components_resolve_and_agent_keys_are_set(name):
             components.extend([node["_component_"]] if "_component_" in node else [])
             for value in node.values():
                 walk(value)
+        elif isinstance(node, list):  # agent_obs.exporters
+            for value in node:
+                walk(value)
 
     walk(OmegaConf.to_container(cfg, resolve=False))
     assert len(components) >= 8
@@ -184,7 +193,8 @@ def test_config_components_resolve_and_agent_keys_are_set(name):
     for key in ("enable_detailed_metrics", "enable_token_classification", "entropy_k"):
         assert key in cfg
     assert cfg.get("batch_size_val", cfg.batch_size) <= cfg.batch_size
-    assert OmegaConf.select(cfg, "agent_obs.prometheus_host", default="127.0.0.1") == "127.0.0.1"
+    for exporter in OmegaConf.select(cfg, "agent_obs.exporters", default=None) or []:  # loopback only
+        assert exporter.get("host", "127.0.0.1") == "127.0.0.1", exporter
     if name == "agent_sft_distributed":  # the 32B config follows the seed and says what memory it needs
         assert cfg.tokenizer.max_seq_len == 32768 and cfg.model._component_.endswith("qwen2_5_32b_instruct")
         assert "# Memory" in resolve_config(name).read_text(encoding="utf-8")
@@ -340,36 +350,3 @@ def test_missing_val_file_error_names_dataset_val_data_files(tmp_path, assets):
         "agent_obs.prometheus_port=null", f"dataset_val.data_files={missing}", ok=False,
     )  # fmt: skip
     assert f"dataset_val.data_files: {missing}: no such data file" in proc.stdout + proc.stderr
-
-
-def _recipe_module():
-    import importlib.util
-
-    from agent_obs.launch import recipe_path
-
-    spec = importlib.util.spec_from_file_location("agent_sft_recipe_under_test", recipe_path())
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_taken_prometheus_port_names_the_config_key_and_on_bind_error_warn_trains_on():
-    from omegaconf import OmegaConf
-
-    from agent_obs.exporters.prometheus import PortInUseError
-
-    recipe = _recipe_module()
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        with pytest.raises(PortInUseError) as err:
-            recipe._build_exporters(OmegaConf.create({"prometheus_port": port}))
-        message = str(err.value)
-        assert f"agent_obs.prometheus_port={port}" in message and "agent_obs.on_bind_error=warn" in message
-        assert "PrometheusExporter(" not in message
-        (prom,) = recipe._build_exporters(OmegaConf.create({"prometheus_port": port, "on_bind_error": "warn"}))
-        try:
-            assert prom.port is None  # not serving, but the run goes on
-        finally:
-            prom.close()

@@ -80,3 +80,18 @@ def truncate_jsonl(path: str | Path, last_step: int) -> int:
     if cut:
         os.truncate(path, keep)
     return total - kept
+
+
+def point_resume_at_last_epoch(cfg: Any) -> list[str] | None:
+    """On resume, set ``checkpointer.checkpoint_files`` to the model files of the epoch the recipe state belongs to,
+    unless it already names files that exist under ``output_dir``; return the files set (None if unchanged)."""
+    from omegaconf import open_dict
+
+    ckpt = cfg.checkpointer
+    out = Path(ckpt.output_dir)
+    if "checkpoint_files" not in ckpt or all((out / f).is_file() for f in configured_files(ckpt.checkpoint_files)):
+        return None
+    files = resume_checkpoint_files(out, ckpt.get("recipe_checkpoint", None))
+    with open_dict(ckpt):
+        ckpt.checkpoint_files = files
+    return files

@@ -41,3 +41,18 @@ def resolve_seed_components(node: Any) -> list[tuple[str, str]]:
 
     walk(node)
     return list(replaced.items())
+
+
+def forward_dataset_flags(cfg: Any, classify: bool) -> None:
+    """Give every AgentSFTDataset node under ``dataset``/``dataset_val`` the recipe's ``enable_token_classification``
+    and the config key its data errors name (``dataset``, ``dataset_val[1]``, ...), unless the node sets them."""
+    from omegaconf import ListConfig, open_dict
+
+    for key in ("dataset", "dataset_val"):
+        nodes = cfg.get(key, None)
+        many = isinstance(nodes, ListConfig)
+        for i, node in enumerate(nodes if many else [nodes]):
+            if node is not None and str(node.get("_component_", "")).endswith("AgentSFTDataset"):
+                with open_dict(node):
+                    node.setdefault("enable_token_classification", classify)
+                    node.setdefault("config_key", f"{key}[{i}]" if many else key)

@@ -3,12 +3,9 @@ reference, peak memory stays within the documented in-flight bound, and the reci
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
 import torch
+from agent_obs.integrations.torchtune.recipe_hooks import observe_block
 from metric_reference import assert_metrics_close, reference_metrics
 from test_observer import TinyDecoder, make_batch
 from torchtune.models.qwen2 import qwen2
@@ -23,7 +20,6 @@ CUDA = torch.device("cuda")
 QWEN25_VOCAB = 151936  # Qwen2.5-0.5B's embedding rows
 MiB = 2**20
 KERNEL_WORKING_SET = 64 * MiB  # DEFAULT_CHUNK_BYTES: the metric kernel's scratch per call
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "agent_sft_distributed.py"
 
 
 class ChunkedDecoder(TinyDecoder):
@@ -93,16 +89,8 @@ def test_peak_memory_with_the_observer_stays_within_the_in_flight_bound(max_in_f
     assert extra <= bound + 64 * MiB, f"extra peak {extra / MiB:.0f} MiB > bound {bound / MiB:.0f} MiB + 64 MiB"
 
 
-def load_recipe_module():
-    spec = importlib.util.spec_from_file_location("agent_sft_recipe_under_test", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_recipe_observed_forward_backward_has_no_host_sync():
-    """The recipe's step (targets popped on the host, labels on the GPU, its _observe) under sync debug mode."""
-    recipe = load_recipe_module()
+    """The recipe's step (targets popped on the host, labels on the GPU, its observe block) under sync debug mode."""
     torch.manual_seed(0)
     model = qwen2(
         vocab_size=QWEN25_VOCAB,
@@ -117,7 +105,6 @@ def test_recipe_observed_forward_backward_has_no_host_sync():
     model.set_num_output_chunks(8)
     loss_fn = CEWithChunkedOutputLoss(num_output_chunks=8)
     observer = attach(model)
-    state = SimpleNamespace(_device=CUDA, _enable_token_classification=True, _observer=observer)
     ignore_cache = torch.full((2, 1), -100, device=CUDA)
     tokens, labels, classes = make_batch(2, 256, seed=3, vocab=QWEN25_VOCAB)
     tool_ids = torch.where(classes == TokenClass.TOOL_CALL, tool_id("bash"), NO_TOOL)  # host, as the collate gives
@@ -126,7 +113,7 @@ def test_recipe_observed_forward_backward_has_no_host_sync():
     def step() -> None:
         num_tokens = (labels_d != -100).sum()
         shifted = torch.hstack((labels_d[..., 1:], ignore_cache[: labels_d.shape[0]]))
-        with recipe.AgentSFTRecipeDistributed._observe(state, True, shifted, classes, tool_ids):
+        with observe_block(observer, labels_d, classes, tool_ids, ignore_index=-100):  # what the recipe's step calls
             logits = model(tokens_d)
         loss = loss_fn(logits, shifted) * num_tokens
         loss.backward()
