@@ -10,6 +10,14 @@ import pytest
 TRAJECTORIES = Path(__file__).resolve().parent / "data" / "trajectories"  # real data kept in the repository
 
 
+def pytest_configure(config) -> None:
+    """The suite compiles the metric kernel for a dozen vocabulary sizes and option sets in one process (a training
+    run needs one or two): past dynamo's default of 8 recompiles the kernel would silently run eagerly."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
 def load_conversations(path: Path = TRAJECTORIES) -> dict[str, list[list[dict]]]:
     """Every ``*.jsonl`` file under ``path`` -> its conversations (lists of messages)."""
     files = sorted(path.glob("*.jsonl"))

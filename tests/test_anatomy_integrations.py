@@ -64,9 +64,10 @@ def test_collator_tool_args_and_row_ids_match_references(tok, trajectories):
         AgentChatCollator(tok)([{"messages": rows[0]["messages"], "sample_id": -3}])
 
 
-def test_collator_batches_through_attach_equal_compute_metrics(tok, trajectories):
+def test_collator_batches_through_attach_equal_compute_metrics(tok, trajectories, monkeypatch):
     """tool_syntax/tool_args keys and per-row samples from collated real data equal the float64-checked
     compute_metrics over the same shifted rows."""
+    monkeypatch.setenv("AGENT_OBS_COMPILE", "0")  # the data path is under test; the compiled kernel in test_accumulator
     samples = make_samples(trajectories, per_tool=2)
     for i, s in enumerate(samples):
         s["sample_id"] = i

@@ -50,6 +50,13 @@ def run_log(tmp_path_factory):
     """A JSONL log written by the real JsonlExporter, and the float64 references per (split, step, class)."""
     path = tmp_path_factory.mktemp("report") / "run.jsonl"
     exporter = JsonlExporter(path, histograms=True)
+    with pytest.MonkeyPatch.context() as mp:  # the kernel's math uncompiled: the report is under test, not the kernel
+        mp.setenv("AGENT_OBS_COMPILE", "0")
+        return _write_log(path, exporter)
+
+
+def _write_log(path, exporter):
+    """Export each (step, split) collect to ``path``; return the path and the float64 references."""
     refs: dict[tuple[str, int, str], dict[str, float]] = {}
     for step in range(0, 9, 2):
         for split in ("train", "val"):
