@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import ast
-import io
-import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from exporter_cases import Record, sample_metrics, series_of_key
-from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+from exporter_cases import Record, console_exporter, console_metrics, sample_metrics, series_of_key
 from servers import OtlpReceiver, free_port
 
 import agent_obs.exporters.otel as otel_module
@@ -119,18 +116,6 @@ def test_otel_env_variables_choose_endpoint_and_interval(monkeypatch):
         entropy = latest(receiver.points("agent_obs.entropy"))
     key = ("agent_obs.entropy", frozenset({"split": "train", "token_class": "all"}.items()))
     assert entropy[key].value == RECORDS[0].metrics["entropy"]
-
-
-def console_exporter() -> tuple[ConsoleMetricExporter, io.StringIO]:
-    """The SDK's own ConsoleMetricExporter writing one JSON document per line to a buffer."""
-    out = io.StringIO()
-    return ConsoleMetricExporter(out=out, formatter=lambda data: data.to_json(indent=None) + "\n"), out
-
-
-def console_metrics(out: io.StringIO) -> list[dict]:
-    """The metrics of every document a ConsoleMetricExporter wrote, oldest first."""
-    docs = [json.loads(line) for line in out.getvalue().splitlines()]
-    return [m for d in docs for rm in d["resource_metrics"] for sm in rm["scope_metrics"] for m in sm["metrics"]]
 
 
 def test_a_user_metric_exporter_receives_the_same_metrics_and_the_exact_summed_histogram():
