@@ -143,6 +143,12 @@ def test_flush_with_nothing_exported_delivers_trivially_and_flush_after_close_is
     assert exp.force_flush(timeout_s=2.0) is False
 
 
+def test_an_endpoint_and_an_exporter_together_are_refused_with_the_fix():
+    sdk_exporter, _ = console_exporter()
+    with pytest.raises(ValueError, match=r"either endpoint= .* or exporter="):
+        OTelExporter(exporter=sdk_exporter, endpoint="http://127.0.0.1:4318/v1/metrics")
+
+
 def test_otel_exporter_uses_no_private_name_of_the_opentelemetry_sdk():
     """Only public SDK API: no ``_name`` imported from opentelemetry, no ``._attr`` read on anything but self."""
     tree = ast.parse(Path(otel_module.__file__).read_text(encoding="utf-8"))
