@@ -147,6 +147,8 @@ def test_an_endpoint_and_an_exporter_together_are_refused_with_the_fix():
     sdk_exporter, _ = console_exporter()
     with pytest.raises(ValueError, match=r"either endpoint= .* or exporter="):
         OTelExporter(exporter=sdk_exporter, endpoint="http://127.0.0.1:4318/v1/metrics")
+    with pytest.raises(ValueError, match="export_interval_s must be > 0"):
+        OTelExporter(exporter=sdk_exporter, export_interval_s=0)
 
 
 def test_otel_exporter_uses_no_private_name_of_the_opentelemetry_sdk():

@@ -206,6 +206,8 @@ class OTelExporter:
         self._start_ns = time.time_ns()
         self._closed = False
         interval_s = _env_interval_s() if export_interval_s is None else export_interval_s
+        if not interval_s > 0:
+            raise ValueError(f"export_interval_s must be > 0 seconds, got {interval_s!r}; e.g. export_interval_s=60")
         self._sender = _Sender(self._send, self._shutdown, interval_s)
         atexit.register(_close_at_exit, weakref.ref(self))
 
