@@ -10,6 +10,7 @@ same statistics per training sample (see ``SAMPLE_GROUPS``), also without host s
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -52,23 +53,49 @@ def default_chunk_tokens(vocab_size: int) -> int:
 
 @dataclass(frozen=True)
 class Histogram:
-    """Cumulative-free bucket counts of per-token entropy: ``counts[i]`` is in ``(edges[i-1], edges[i]]``."""
+    """Per-bucket (not cumulative) counts of per-token entropy: ``counts[i]`` is in ``(edges[i-1], edges[i]]``.
 
-    edges: tuple[float, ...]  # upper edges; a final +Inf bucket is implied
-    counts: tuple[float, ...]  # len(edges) + 1
-    total: float  # sum of the observed entropies (for Prometheus' _sum)
+    Args:
+        edges: Upper bucket edges in nats, increasing; a final +Inf bucket is implied.
+        counts: ``len(edges) + 1`` token counts (whole numbers held as floats), the last one above ``edges[-1]``.
+        total: Sum of the observed entropies (Prometheus' ``_sum``, OTLP's ``sum``).
+    """
+
+    edges: tuple[float, ...]
+    counts: tuple[float, ...]
+    total: float
+
+    def plus(self, other: Histogram) -> Histogram:
+        """The bucket-wise sum of two histograms with the same edges (ValueError otherwise)."""
+        if tuple(other.edges) != tuple(self.edges) or len(other.counts) != len(self.counts):
+            raise ValueError(f"histogram edges differ: {self.edges} vs {other.edges}; sum only histograms of one run")
+        return Histogram(
+            self.edges, tuple(a + b for a, b in zip(self.counts, other.counts, strict=True)), self.total + other.total
+        )
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper edge, tokens <= edge)`` per bucket, the last edge ``math.inf``: Prometheus' ``le`` buckets."""
+        out, running = [], 0
+        for edge, count in zip([*self.edges, math.inf], self.counts, strict=True):
+            running += round(count)
+            out.append((float(edge), running))
+        return out
 
 
 class Metrics(dict):
-    """``collect()``'s result: a plain ``dict[str, float]`` plus the entropy histograms and hardest samples.
+    """``collect()``'s result, the input of every exporter: a ``dict[str, float]`` of metric keys plus two fields.
 
-    ``samples`` (empty unless ``observe()`` got ``sample_ids``) lists plain dicts, hardest first by
-    mean NLL; see ``agent_obs.samples.hardest_samples``.
+    Args:
+        values: Metric key (``agent_obs.keys`` grammar: ``entropy``, ``tool_call_top5_prob``, ...) -> value.
+        histograms: Token class (``all``, ``reasoning``, ``tool_call``, ...) -> its per-token entropy
+            ``Histogram`` over the collect window; held in ``.histograms``.
+        samples: The window's hardest samples as plain dicts, hardest first by mean NLL (empty unless
+            ``observe()`` got ``sample_ids``; see ``agent_obs.samples.hardest_samples``); held in ``.samples``.
     """
 
     def __init__(
         self,
-        values: dict[str, float],
+        values: Mapping[str, float],
         histograms: dict[str, Histogram] | None = None,
         samples: list[dict] | None = None,
     ):

@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args()
     logging.getLogger("agent_obs.exporters").setLevel(logging.ERROR)  # the faults are on purpose
+    logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)  # so are the OTel SDK's own failure records
     metrics = realistic_metrics()
     base = collect_time(args.calls)
     tmp = Path(tempfile.mkdtemp())

@@ -6,12 +6,15 @@ by hand, not taken from the exporter) with float64 sums/cumsums computed indepen
 
 from __future__ import annotations
 
+import io
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 
 import agent_obs
 from agent_obs import TokenClass
@@ -56,6 +59,18 @@ def sample_metrics(seed: int, n: int = 96, vocab: int = 64, tools: Sequence[str]
     acc = StatsAccumulator((1, 2, 5, 10), num_tool_slots=len(tools))
     acc.update(logits, labels, classes, slots)
     return acc.metrics(tool_names=dict(enumerate(tools)))
+
+
+def console_exporter() -> tuple[ConsoleMetricExporter, io.StringIO]:
+    """The SDK's own ConsoleMetricExporter writing one JSON document per line to a buffer."""
+    out = io.StringIO()
+    return ConsoleMetricExporter(out=out, formatter=lambda data: data.to_json(indent=None) + "\n"), out
+
+
+def console_metrics(out: io.StringIO) -> list[dict]:
+    """The metrics of every document a ConsoleMetricExporter wrote, oldest first."""
+    docs = [json.loads(line) for line in out.getvalue().splitlines()]
+    return [m for d in docs for rm in d["resource_metrics"] for sm in rm["scope_metrics"] for m in sm["metrics"]]
 
 
 def series_of_key(key: str, split: str, run: str) -> tuple[str, dict[str, str]]:

@@ -86,6 +86,20 @@ def test_otlp_fault_export_is_fast_flush_and_close_honour_timeouts_and_report_fa
     assert elapsed <= 1.0 + SLACK_S, f"close(timeout_s=1) took {elapsed:.2f} s"
 
 
+def test_otlp_export_itself_never_connects_only_the_sender_thread_does():
+    """``export()`` makes no network I/O on the training thread: with periodic sends off, a hung collector
+    sees no connection until a flush asks the sender thread, and that flush is bounded anyway."""
+    with SilentServer() as server:
+        exp = OTelExporter(endpoint=f"{server.url}/v1/metrics", export_interval_s=3600)
+        assert_exports_fast(exp)
+        time.sleep(0.3)
+        assert server.accepted == []
+        elapsed, delivered = timed(exp.force_flush, timeout_s=0.5)
+        assert delivered is False and elapsed <= 0.5 + SLACK_S
+        assert len(server.accepted) >= 1  # the flush, from the sender thread
+        exp.close(timeout_s=0.2)
+
+
 def test_otlp_default_close_at_the_end_of_a_run_is_bounded_by_the_documented_number():
     with SilentServer() as server:
         exp = OTelExporter(endpoint=f"{server.url}/v1/metrics", export_interval_s=3600)

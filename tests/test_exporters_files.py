@@ -5,14 +5,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from agent_obs.integrations.torchtune.metric_logger import TorchtuneMetricLogger
 from exporter_cases import Record, sample_metrics
 
-from agent_obs.accumulator import Metrics
+from agent_obs.accumulator import Histogram, Metrics
 from agent_obs.exporters import FaultReporter, JsonlExporter, StructlogExporter, export_all
 
 RECORDS = [
@@ -97,6 +99,32 @@ def test_jsonl_writes_one_flushed_line_per_collect(tmp_path):
         for cls, h in r.metrics.histograms.items():
             assert hists[cls] == {"edges": list(h.edges), "counts": list(h.counts), "sum": h.total}
     exp.close()
+
+
+def test_jsonl_takes_a_plain_mapping_as_metrics_without_histograms(tmp_path):
+    """The contract is ``Metrics``; a plain dict is written whole, with no histograms (none to write)."""
+    exp = JsonlExporter(tmp_path / "m.jsonl", histograms=True)
+    exp.export({"entropy": 1.5, "tokens": 3.0}, step=4, split="val")
+    exp.close()
+    row = json.loads((tmp_path / "m.jsonl").read_text())
+    assert exp._reporter.failures == 0
+    assert {k: row[k] for k in ("step", "split", "entropy", "tokens")} == {
+        "step": 4,
+        "split": "val",
+        "entropy": 1.5,
+        "tokens": 3.0,
+    }
+    assert "histograms" not in row and "samples" not in row
+
+
+def test_histogram_cumulative_and_plus_match_numpy():
+    a, b = RECORDS[0].metrics.histograms["all"], RECORDS[1].metrics.histograms["all"]
+    both = a.plus(b)
+    counts = np.asarray(a.counts, dtype=np.float64) + np.asarray(b.counts, dtype=np.float64)
+    assert list(both.counts) == list(counts) and both.total == a.total + b.total
+    assert both.cumulative() == list(zip([*a.edges, math.inf], np.cumsum(counts).astype(int).tolist(), strict=True))
+    with pytest.raises(ValueError, match="histogram edges differ"):
+        a.plus(Histogram(a.edges[:-1], a.counts[:-1], a.total))
 
 
 def test_jsonl_appends_and_writes_non_finite_values_as_null(tmp_path):

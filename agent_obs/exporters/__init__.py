@@ -1,18 +1,18 @@
 """Exporters: where collected metrics go (Prometheus, OTLP, structlog, JSONL, torchtune loggers).
 
-Each has ``export(metrics, *, step, split)`` and ``close()``, never raises from either (a
-failure is one rate-limited warning on the ``agent_obs.exporters`` logger), and is imported
-on first use (OpenTelemetry and structlog cost ~0.2 s each to import).
+Each has ``export(metrics: Metrics, *, step, split)`` (``Metrics``: metric keys -> values, with
+``.histograms`` and ``.samples``) and ``close()``, never raises from either (a failure is one
+rate-limited warning on the ``agent_obs.exporters`` logger), and is imported on first use
+(OpenTelemetry and structlog cost ~0.2 s each to import).
 
 Bound on the time ``export()`` adds to ``collect()``: no network I/O ever happens on the
 calling thread (Prometheus is scraped and pushes from daemon threads, OTLP is sent by the
-SDK's periodic reader thread); ``export()`` only updates in-memory state under short locks,
-plus one unbuffered local write for JSONL. ``bench/exporters.py`` measured medians of
-0.1 ms (JSONL, structlog), 0.25 ms (Prometheus) and 1.3 ms (OTel) for 153 keys, the same
-with the backend slow, refusing or down; the worst single call was 60 ms on a loaded 2-core
-machine (GIL contention with those threads). Every call that waits (``close()``, OTel's
-``force_flush()``) returns within one stated bound (README, "Exporters"), also when the
-backend hangs. The ``tool`` label takes at most ``max_tools`` + 1 values (``state.py``).
+OTel exporter's own sender thread); ``export()`` only updates in-memory state under short
+locks, plus one unbuffered local write for JSONL. ``bench/exporters.py`` prints the medians
+(sub-millisecond for 153 keys, the same with the backend slow, refusing or down; re-measure
+on an idle machine). Every call that waits (``close()``, OTel's ``force_flush()``) returns
+within one stated bound (README, "Exporters"), also when the backend hangs. The ``tool``
+label takes at most ``max_tools`` + 1 values (``state.py``).
 """
 
 from __future__ import annotations

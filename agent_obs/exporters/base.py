@@ -1,4 +1,4 @@
-"""The exporter protocol and the fault guard that keeps a failing exporter from stopping training."""
+"""The exporter contract and the fault guard that keeps a failing exporter from stopping training."""
 
 from __future__ import annotations
 
@@ -9,18 +9,29 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, TypeVar, runtime_checkable
 
+from agent_obs.accumulator import Metrics
+
 LOGGER = logging.getLogger("agent_obs.exporters")
-DEFAULT_REPORT_INTERVAL_S = 300.0
+DEFAULT_REPORT_INTERVAL_S = 300.0  # every exporter's default: at most one warning per fault source per 5 min
 T = TypeVar("T")
 
 
 @runtime_checkable
 class Exporter(Protocol):
-    """Where ``collect()`` sends its metrics; ``export`` must never raise nor block for long."""
+    """Where ``collect()`` sends its metrics.
 
-    def export(self, metrics: Mapping[str, float], *, step: int, split: str) -> None: ...
+    ``export`` receives a ``Metrics`` (metric keys -> values, with ``.histograms`` and ``.samples``)
+    and must neither raise nor block for long; ``close`` releases what the exporter holds.
+    """
+
+    def export(self, metrics: Metrics, *, step: int, split: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+def as_metrics(metrics: Mapping[str, float]) -> Metrics:
+    """``metrics`` itself if it is a ``Metrics``; a plain mapping becomes one without histograms or samples."""
+    return metrics if isinstance(metrics, Metrics) else Metrics(metrics)
 
 
 class FaultReporter:
@@ -92,8 +103,12 @@ def export_all(
     split: str,
     reporter: FaultReporter | None = None,
 ) -> None:
-    """Send ``metrics`` to every exporter; one that raises is reported and the others still run."""
+    """Send ``metrics`` (a ``Metrics``; a plain mapping has no histograms) to every exporter.
+
+    One that raises is reported and the others still run.
+    """
     reporter = reporter or _SHARED_REPORTER
+    metrics = as_metrics(metrics)
     for exporter in exporters:
         name = type(exporter).__name__
         reporter.call("export", exporter.export, metrics, step=step, split=split, source=name)

@@ -11,11 +11,11 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-from agent_obs.exporters.base import FaultReporter
+from agent_obs.accumulator import Metrics
+from agent_obs.exporters.base import DEFAULT_REPORT_INTERVAL_S, FaultReporter, as_metrics
 
 
 def _finite(value: float) -> float | None:
@@ -23,27 +23,33 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def jsonl_record(metrics: Mapping[str, float], *, step: int, split: str, now: float, histograms: bool) -> dict:
+def jsonl_record(metrics: Metrics, *, step: int, split: str, now: float, histograms: bool) -> dict:
     """The dict written for one collect (``histograms``: add the per-class entropy histograms)."""
     record: dict = {"step": int(step), "split": split, "time": now}
     record.update({key: _finite(value) for key, value in metrics.items()})
-    hists = getattr(metrics, "histograms", None)
-    if histograms and hists:
+    if histograms and metrics.histograms:
         record["histograms"] = {
             cls: {"edges": list(h.edges), "counts": [float(c) for c in h.counts], "sum": _finite(h.total)}
-            for cls, h in hists.items()
+            for cls, h in metrics.histograms.items()
         }
-    samples = getattr(metrics, "samples", None)
-    if samples:  # the window's hardest samples (agent_obs.samples), hardest first
-        record["samples"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in s.items()} for s in samples]
+    if metrics.samples:  # the window's hardest samples (agent_obs.samples), hardest first
+        record["samples"] = [
+            {k: _finite(v) if isinstance(v, float) else v for k, v in s.items()} for s in metrics.samples
+        ]
     return record
 
 
 class JsonlExporter:
-    """Appends one line per collect to ``path`` (parents created), unbuffered (and optionally fsynced).
+    """Appends one line per collect to ``path``, unbuffered: a crash loses at most the line being written.
 
     A path that cannot be opened or written is reported once (rate-limited) and retried
     at the next collect; training goes on.
+
+    Args:
+        path: The JSONL file, opened for appending (parent directories created).
+        histograms: Also write each collect's per-class entropy histograms (``agent-obs report`` plots them).
+        fsync: ``os.fsync`` after every line (survives a power loss; slower on network filesystems).
+        report_interval_s: At most one warning per fault source per this many seconds.
     """
 
     def __init__(
@@ -52,7 +58,7 @@ class JsonlExporter:
         *,
         histograms: bool = False,
         fsync: bool = False,
-        report_interval_s: float = 300.0,
+        report_interval_s: float = DEFAULT_REPORT_INTERVAL_S,
     ) -> None:
         self.path = Path(path)
         self.histograms = histograms
@@ -68,11 +74,11 @@ class JsonlExporter:
             self._file = self.path.open("ab", buffering=0)
         return self._file
 
-    def export(self, metrics: Mapping[str, float], *, step: int, split: str) -> None:
-        """Write and flush one line (never raises)."""
-        self._reporter.call("write", self._write, metrics, step, split)
+    def export(self, metrics: Metrics, *, step: int, split: str) -> None:
+        """Write and flush one line (never raises); a plain mapping is written without histograms."""
+        self._reporter.call("write", self._write, as_metrics(metrics), step, split)
 
-    def _write(self, metrics: Mapping[str, float], step: int, split: str) -> None:
+    def _write(self, metrics: Metrics, step: int, split: str) -> None:
         record = jsonl_record(metrics, step=step, split=split, now=time.time(), histograms=self.histograms)
         line = memoryview((json.dumps(record, allow_nan=False) + "\n").encode())
         file = self._open()

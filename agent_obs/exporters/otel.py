@@ -1,23 +1,28 @@
-"""``OTelExporter``: the metrics as OpenTelemetry gauges, counters and a histogram, sent over OTLP/HTTP.
+"""``OTelExporter``: the metrics as OpenTelemetry gauges, cumulative sums and a histogram, sent over OTLP/HTTP.
 
-``export()`` only updates the in-memory ``SeriesState`` (microseconds); the reader turns it
-into points at each collection. The default ``PeriodicExportingMetricReader`` sends from its
-own thread every interval, so the queue is bounded by construction (one state, no backlog)
-and a slow or dead collector never blocks ``collect()``; ``force_flush`` and ``close`` wait
-at most their timeouts.
+Public SDK API only: the exporter's own state (``SeriesState``, shared with Prometheus) becomes a
+``MetricsData`` built from the SDK's public data classes and is handed to a ``MetricExporter``
+(default ``OTLPMetricExporter``) by one daemon thread, every interval and on
+``force_flush``/``close``. No MeterProvider or reader is involved, so the pre-summed entropy
+histograms are published exactly. ``export()`` only updates the in-memory state (microseconds):
+a slow or dead collector never blocks ``collect()``, and the queue is bounded by construction
+(one state, no backlog).
 """
 
 from __future__ import annotations
 
 import atexit
-import logging
+import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
 
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.environment_variables import (
+    OTEL_EXPORTER_OTLP_ENDPOINT,
+    OTEL_EXPORTER_OTLP_METRICS_ENDPOINT,
+    OTEL_METRIC_EXPORT_INTERVAL,
+)
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Gauge,
@@ -26,10 +31,8 @@ from opentelemetry.sdk.metrics.export import (
     Metric,
     MetricExporter,
     MetricExportResult,
-    MetricReader,
     MetricsData,
     NumberDataPoint,
-    PeriodicExportingMetricReader,
     ResourceMetrics,
     ScopeMetrics,
     Sum,
@@ -37,81 +40,20 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from agent_obs.exporters.base import FaultReporter
+from agent_obs.accumulator import Metrics
+from agent_obs.exporters.base import DEFAULT_REPORT_INTERVAL_S, FaultReporter
 from agent_obs.exporters.families import ALL_FAMILIES, HISTOGRAM_FAMILY, Family
 from agent_obs.exporters.state import DEFAULT_MAX_TOOLS, SeriesState, Snapshot, record_export
 
 SCOPE = "agent_obs"
-T = TypeVar("T")
-
-
-class _SdkLogCapture(logging.Filter):
-    """Holds back the OTLP exporter's own log records while our wrapper exports, keeping their text.
-
-    Only records emitted on the thread inside ``_ReportingExporter.export`` are affected, so
-    other OTLP exporters in the process log as usual; ours are folded into one rate-limited warning.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.local = threading.local()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(self.local, "active", False):
-            self.local.messages.append(record.getMessage())
-            return False
-        return True
-
-
-_CAPTURE = _SdkLogCapture()
-
-
-def _install_capture(logger_name: str) -> None:
-    logger = logging.getLogger(logger_name)
-    if _CAPTURE not in logger.filters:
-        logger.addFilter(_CAPTURE)
-
-
-class _ReportingExporter(MetricExporter):
-    """Wraps a MetricExporter so failed exports reach the rate-limited fault reporter."""
-
-    def __init__(self, inner: MetricExporter, reporter: FaultReporter) -> None:
-        super().__init__(
-            preferred_temporality=inner._preferred_temporality,
-            preferred_aggregation=inner._preferred_aggregation,
-        )
-        self.inner = inner
-        self.reporter = reporter
-        self.successes = 0  # exports the collector accepted
-        _install_capture(type(inner).__module__)
-
-    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> MetricExportResult:
-        local = _CAPTURE.local
-        local.active, local.messages = True, []
-        try:
-            result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
-        except Exception as error:
-            result = MetricExportResult.FAILURE
-            local.messages.append(f"{type(error).__name__}: {error}")
-        finally:
-            local.active = False
-        if result == MetricExportResult.SUCCESS:
-            self.successes += 1
-        else:
-            endpoint = getattr(self.inner, "_endpoint", type(self.inner).__name__)
-            reasons = local.messages[:1] + local.messages[-1:] if len(local.messages) > 1 else local.messages
-            self.reporter.report("otlp", f"export to {endpoint} failed: {' / '.join(reasons) or 'no reason given'}")
-        return result
-
-    def force_flush(self, timeout_millis: float = 10_000) -> bool:
-        return self.inner.force_flush(timeout_millis=timeout_millis)
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
-        self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+DEFAULT_CLOSE_TIMEOUT_S = 5.0  # the longest close() (and the exit hook) waits for the final export
+DEFAULT_FLUSH_TIMEOUT_S = 10.0
+DEFAULT_EXPORT_INTERVAL_S = 60.0  # the SDK's default for OTEL_METRIC_EXPORT_INTERVAL
+DEFAULT_EXPORT_TIMEOUT_S = 10.0  # MetricExporter.export's default timeout_millis
 
 
 def otel_metrics(snap: Snapshot, start_ns: int, now_ns: int) -> list[Metric]:
-    """The state as OTel metrics: gauges, cumulative monotonic sums and the entropy histogram."""
+    """The state as OTel metrics: gauges, cumulative monotonic sums and the exact entropy histograms."""
     points: dict[Family, list[NumberDataPoint]] = {}
     for split, values in snap.gauges.items():
         for (fam, labels), value in values.items():
@@ -129,75 +71,107 @@ def otel_metrics(snap: Snapshot, start_ns: int, now_ns: int) -> list[Metric]:
                 data = Gauge(points[fam])
             out.append(Metric(name=fam.otel_name, description=fam.help, unit=fam.unit, data=data))
     if snap.hists:
-        hist_points = []
-        for (split, cls), (counts, total) in sorted(snap.hists.items()):
-            ints = [round(c) for c in counts]
-            hist_points.append(
-                HistogramDataPoint(
-                    attributes={"split": split, "token_class": cls},
-                    start_time_unix_nano=start_ns,
-                    time_unix_nano=now_ns,
-                    count=sum(ints),
-                    sum=total,
-                    bucket_counts=ints,
-                    explicit_bounds=list(snap.edges),
-                    min=None,
-                    max=None,
-                )
+        hist_points = [
+            HistogramDataPoint(
+                attributes={"split": split, "token_class": cls},
+                start_time_unix_nano=start_ns,
+                time_unix_nano=now_ns,
+                count=hist.cumulative()[-1][1],
+                sum=hist.total,
+                bucket_counts=[round(c) for c in hist.counts],
+                explicit_bounds=list(hist.edges),
+                min=None,  # not tracked by the accumulator: OTLP leaves them unset
+                max=None,
             )
+            for (split, cls), hist in sorted(snap.hists.items())
+        ]
         fam = HISTOGRAM_FAMILY
         data = Histogram(data_points=hist_points, aggregation_temporality=AggregationTemporality.CUMULATIVE)
         out.append(Metric(name=fam.otel_name, description=fam.help, unit=fam.unit, data=data))
     return out
 
 
-def _with_scope(data: MetricsData | None, metrics: list[Metric], resource: Resource) -> MetricsData | None:
-    """``data`` with ``metrics`` added to the agent_obs scope (created if absent)."""
-    if not metrics:
-        return data
-    resource_metrics = list(data.resource_metrics) if data is not None else []
-    for i, rm in enumerate(resource_metrics):
-        for j, sm in enumerate(rm.scope_metrics):
-            if sm.scope.name == SCOPE:
-                scopes = list(rm.scope_metrics)
-                scopes[j] = ScopeMetrics(sm.scope, [*sm.metrics, *metrics], sm.schema_url)
-                resource_metrics[i] = ResourceMetrics(rm.resource, scopes, rm.schema_url)
-                return MetricsData(resource_metrics)
-    scope = ScopeMetrics(InstrumentationScope(SCOPE), metrics, "")
-    resource_metrics.append(ResourceMetrics(resource, [scope], ""))
-    return MetricsData(resource_metrics)
+def metrics_data(metrics: Sequence[Metric], resource: Resource) -> MetricsData:
+    """``metrics`` under the ``agent_obs`` instrumentation scope of ``resource``: one OTLP request's content."""
+    scope = ScopeMetrics(InstrumentationScope(SCOPE), list(metrics), schema_url="")
+    return MetricsData([ResourceMetrics(resource, [scope], schema_url="")])
 
 
-def _within(fn: Callable[[], T], timeout_s: float) -> tuple[bool, T | None]:
-    """Run ``fn`` on a daemon thread for at most ``timeout_s``: (finished, result or None).
+class _Sender:
+    """One daemon thread that runs ``send`` every ``interval_s`` and when asked; sends are numbered in order.
 
-    The SDK's flush and shutdown retry on their own clocks; the caller's wait is what is bounded
-    (an unfinished call goes on in the background and its late result is dropped).
+    ``send`` returns whether the data was delivered; ``stop`` runs once after the last send.
     """
-    box: list = []
-    thread = threading.Thread(target=lambda: box.append(fn()), name="agent-obs-otel-wait", daemon=True)
-    try:
-        thread.start()
-    except RuntimeError:  # no new threads late in interpreter shutdown: the SDK's own deadline applies
-        return True, fn()
-    thread.join(max(0.0, timeout_s))
-    return (True, box[0]) if box else (False, None)
 
+    def __init__(self, send: Callable[[], bool], stop: Callable[[], None], interval_s: float) -> None:
+        self._send, self._stop = send, stop
+        self.interval_s = interval_s
+        self._cond = threading.Condition()
+        self._asked = False
+        self._stopping = False
+        self.started = 0  # sends begun
+        self.finished = 0  # number of the last send that ended
+        self.succeeded = 0  # number of the last send that delivered
+        self._thread = threading.Thread(target=self._run, name="agent-obs-otel-sender", daemon=True)
+        self._thread.start()
 
-DEFAULT_CLOSE_TIMEOUT_S = 5.0  # the longest close() (and the exit hook) waits for the final export
-DEFAULT_FLUSH_TIMEOUT_S = 10.0
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._asked or self._stopping, timeout=self.interval_s)
+                self._asked = False
+                stopping = self._stopping
+                self.started += 1
+                number = self.started
+            ok = self._send()
+            with self._cond:
+                self.finished = number
+                if ok:
+                    self.succeeded = number
+                self._cond.notify_all()
+            if stopping:
+                self._stop()
+                return
+
+    def send_and_wait(self, timeout_s: float, *, last: bool = False) -> bool:
+        """Ask for a send of the state as it is now (the last one if ``last``); True if it delivered within
+        ``timeout_s``. A send already running does not count: it may have started before the latest export."""
+        with self._cond:
+            if self._stopping:  # the last send was asked for already
+                return False
+            wanted = self.started + 1
+            self._asked, self._stopping = True, last
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self.finished >= wanted, timeout=max(0.0, timeout_s))
+            return self.succeeded >= wanted
 
 
 class OTelExporter:
-    """Sends every collected metric as OpenTelemetry metrics via OTLP/HTTP, or to a reader you pass.
+    """Sends every collected metric as OpenTelemetry metrics, via OTLP/HTTP or a ``MetricExporter`` you pass.
 
-    Without ``reader``, an ``OTLPMetricExporter`` (which honours the ``OTEL_EXPORTER_OTLP_*``
-    variables; ``endpoint`` overrides them) is driven by a ``PeriodicExportingMetricReader``
-    every ``export_interval_s`` (default: ``OTEL_METRIC_EXPORT_INTERVAL`` or 60 s). The
-    resource carries ``service.name`` and ``run``; points carry ``split``, ``token_class``,
-    ``k`` and ``tool`` attributes. The points come from the same capped state as Prometheus
-    (``SeriesState``): at most ``max_tools`` + 1 ``tool`` values, evicted tools' points gone.
-    ``close()`` returns within ``close_timeout_s``, also when run at interpreter exit.
+    The points come from the same capped state as Prometheus (``SeriesState``): gauges (latest
+    collect per split), cumulative monotonic sums (token counters) and the per-class entropy
+    histograms summed over collects (exact bucket counts and sum; min and max are not sent). The
+    resource carries ``service.name`` and ``run``; points carry ``split``, ``token_class``, ``k``
+    and ``tool`` attributes, with at most ``max_tools`` + 1 ``tool`` values (evicted tools' points
+    gone). A background thread sends the whole state every ``export_interval_s``; ``force_flush``
+    and ``close`` return within their timeouts, ``close`` also when run at interpreter exit.
+
+    Args:
+        run: Resource attribute ``run`` (one value per training run).
+        service_name: Resource attribute ``service.name``.
+        exporter: Any OpenTelemetry SDK ``MetricExporter`` to hand the data to (e.g. the gRPC
+            ``OTLPMetricExporter`` or ``ConsoleMetricExporter``); default: an OTLP/HTTP
+            ``OTLPMetricExporter``, which honours the ``OTEL_EXPORTER_OTLP_*`` variables.
+        endpoint: Full OTLP/HTTP URL (``http://collector:4318/v1/metrics``) of the default exporter;
+            overrides ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT``/``OTEL_EXPORTER_OTLP_ENDPOINT``.
+        export_interval_s: Seconds between periodic sends (default ``OTEL_METRIC_EXPORT_INTERVAL`` or 60 s).
+        export_timeout_s: Timeout of one send (the default exporter's ``timeout``; default
+            ``OTEL_EXPORTER_OTLP_TIMEOUT`` or 10 s).
+        resource_attributes: Further resource attributes (``OTEL_RESOURCE_ATTRIBUTES`` also applies).
+        report_interval_s: At most one warning per fault source per this many seconds.
+        max_tools: At most this many ``tool`` attribute values plus ``_other``; ``attach()`` sets its own.
+        close_timeout_s: The longest ``close()`` (and the exit hook) waits for the final send.
     """
 
     def __init__(
@@ -205,91 +179,106 @@ class OTelExporter:
         *,
         run: str = "default",
         service_name: str = "agent-obs",
-        reader: MetricReader | None = None,
+        exporter: MetricExporter | None = None,
         endpoint: str | None = None,
         export_interval_s: float | None = None,
         export_timeout_s: float | None = None,
         resource_attributes: Mapping[str, str] | None = None,
-        report_interval_s: float = 300.0,
+        report_interval_s: float = DEFAULT_REPORT_INTERVAL_S,
         max_tools: int = DEFAULT_MAX_TOOLS,
         close_timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S,
     ) -> None:
+        if exporter is not None and endpoint is not None:
+            raise ValueError("pass either endpoint= (for the default OTLP/HTTP exporter) or exporter=, not both")
         self._reporter = FaultReporter("otel", interval_s=report_interval_s)
         self.resource = Resource.create({**(resource_attributes or {}), "service.name": service_name, "run": run})
-        self._sender: _ReportingExporter | None = None
-        if reader is None:
+        if exporter is None:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
-            otlp = OTLPMetricExporter(endpoint=endpoint, timeout=export_timeout_s)
-            self._sender = _ReportingExporter(otlp, self._reporter)
-            reader = PeriodicExportingMetricReader(
-                self._sender,
-                export_interval_millis=None if export_interval_s is None else export_interval_s * 1000,
-                export_timeout_millis=None if export_timeout_s is None else export_timeout_s * 1000,
-            )
-        self.reader = reader
+            exporter = OTLPMetricExporter(endpoint=endpoint, timeout=export_timeout_s)
+            self.target = _otlp_endpoint(endpoint)
+        else:
+            self.target = type(exporter).__name__
+        self.exporter = exporter
         self.close_timeout_s = close_timeout_s
-        # our exit hook instead of the SDK's, whose shutdown waits up to 30 s on a dead collector
-        self.provider = MeterProvider(resource=self.resource, metric_readers=[reader], shutdown_on_exit=False)
+        self._export_timeout_s = DEFAULT_EXPORT_TIMEOUT_S if export_timeout_s is None else export_timeout_s
         self._state = SeriesState(max_tools)
         self._start_ns = time.time_ns()
-        self._hook_collect(reader)
         self._closed = False
+        interval_s = _env_interval_s() if export_interval_s is None else export_interval_s
+        if not interval_s > 0:
+            raise ValueError(f"export_interval_s must be > 0 seconds, got {interval_s!r}; e.g. export_interval_s=60")
+        self._sender = _Sender(self._send, self._shutdown, interval_s)
         atexit.register(_close_at_exit, weakref.ref(self))
-
-    def _hook_collect(self, reader: MetricReader) -> None:
-        collect = getattr(reader, "_collect", None)
-        if collect is None or not hasattr(reader, "_set_collect_callback"):
-            raise RuntimeError(
-                "this opentelemetry-sdk has no MetricReader._set_collect_callback: install the version in "
-                "constraints.txt (opentelemetry-sdk==1.45.2)"
-            )
-
-        def collect_with_state(r, *args, **kwargs):
-            data = collect(r, *args, **kwargs)
-            try:
-                return _with_scope(
-                    data, otel_metrics(self._state.snapshot(), self._start_ns, time.time_ns()), self.resource
-                )
-            except Exception as error:
-                self._reporter.report("collect", error)
-                return data
-
-        reader._set_collect_callback(collect_with_state)
 
     def set_max_tools(self, max_tools: int) -> None:
         """At most ``max_tools`` ``tool`` attribute values (plus the overflow ``_other``); ``attach`` sets it."""
         self._state.set_max_tools(max_tools)
 
-    def export(self, metrics: Mapping[str, float], *, step: int, split: str) -> None:
+    def export(self, metrics: Metrics, *, step: int, split: str) -> None:
         """Record one collect: gauges replaced for ``split``, counters and histogram buckets added (never raises)."""
         record_export(self._state, self._reporter, metrics, step, split)
 
     def force_flush(self, timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S) -> bool:
-        """Export now; returns within ``timeout_s``, True only if the data reached the reader or collector."""
+        """Send the state now; returns within ``timeout_s``, True only if the exporter reported it delivered."""
         if self._closed:
             return False
-        sent = self._sender.successes if self._sender is not None else 0
-        done, ok = _within(lambda: self.provider.force_flush(timeout_millis=timeout_s * 1000), timeout_s)
-        delivered = done and bool(ok) and (not self._must_deliver() or self._sender.successes > sent)
+        delivered = self._sender.send_and_wait(timeout_s)
         if not delivered:
-            self._reporter.report("flush", f"force_flush delivered nothing within {timeout_s} s")
+            self._reporter.report("flush", f"force_flush delivered nothing to {self.target} within {timeout_s} s")
         return delivered
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Send the last state and shut down; returns within ``timeout_s`` (default ``close_timeout_s``)."""
+        """Send the last state and shut the exporter down; returns within ``timeout_s`` (default ``close_timeout_s``).
+
+        A final send still running then goes on in the daemon thread; its result is reported there.
+        """
         if self._closed:
             return
         self._closed = True
         timeout_s = self.close_timeout_s if timeout_s is None else timeout_s
-        sent = self._sender.successes if self._sender is not None else 0
-        done, _ = _within(lambda: self._reporter.call("close", self.provider.shutdown, timeout_s * 1000), timeout_s)
-        if not done or (self._must_deliver() and self._sender.successes == sent):
-            self._reporter.report("close", f"the final export was not delivered within {timeout_s} s")
+        if not self._sender.send_and_wait(timeout_s, last=True):
+            self._reporter.report("close", f"the final export to {self.target} was not delivered within {timeout_s} s")
 
-    def _must_deliver(self) -> bool:
-        """Whether a flush has something to send to our OTLP exporter (a user's reader reports nothing back)."""
-        return self._sender is not None and not self._state.empty()
+    def _send(self) -> bool:
+        """Hand the whole state to the exporter (on the sender thread); True if delivered or nothing to send."""
+        if self._state.empty():
+            return True
+        try:
+            data = metrics_data(otel_metrics(self._state.snapshot(), self._start_ns, time.time_ns()), self.resource)
+            result = self.exporter.export(data, timeout_millis=self._export_timeout_s * 1000)
+        except Exception as error:
+            self._reporter.report("otlp", f"export to {self.target} raised {type(error).__name__}: {error}")
+            return False
+        if result == MetricExportResult.SUCCESS:
+            return True
+        self._reporter.report(
+            "otlp",
+            f"export to {self.target} failed ({type(self.exporter).__name__} returned {result.name}; its own "
+            "logger, opentelemetry.exporter.*, has the reason)",
+        )
+        return False
+
+    def _shutdown(self) -> None:
+        self._reporter.call("close", self.exporter.shutdown)
+
+
+def _env_interval_s() -> float:
+    """``OTEL_METRIC_EXPORT_INTERVAL`` (milliseconds) in seconds, or the SDK's default of 60 s."""
+    raw = os.environ.get(OTEL_METRIC_EXPORT_INTERVAL, "").strip()
+    try:
+        return float(raw) / 1000 if raw and float(raw) > 0 else DEFAULT_EXPORT_INTERVAL_S
+    except ValueError:
+        return DEFAULT_EXPORT_INTERVAL_S
+
+
+def _otlp_endpoint(endpoint: str | None) -> str:
+    """The URL the default OTLP/HTTP exporter posts to, for messages (the SDK resolves it the same way)."""
+    if endpoint:
+        return endpoint
+    if os.environ.get(OTEL_EXPORTER_OTLP_METRICS_ENDPOINT):
+        return os.environ[OTEL_EXPORTER_OTLP_METRICS_ENDPOINT]
+    return os.environ.get(OTEL_EXPORTER_OTLP_ENDPOINT, "http://localhost:4318").rstrip("/") + "/v1/metrics"
 
 
 def _close_at_exit(ref: weakref.ref) -> None:

@@ -11,12 +11,13 @@ import errno
 import math
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, push_to_gateway, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from agent_obs.exporters.base import FaultReporter
+from agent_obs.accumulator import Metrics
+from agent_obs.exporters.base import DEFAULT_REPORT_INTERVAL_S, FaultReporter
 from agent_obs.exporters.families import ALL_FAMILIES, HISTOGRAM_FAMILY, Family
 from agent_obs.exporters.state import DEFAULT_MAX_TOOLS, SeriesState, Snapshot, record_export
 
@@ -46,12 +47,9 @@ def prometheus_families(run: str, snap: Snapshot) -> Iterator[Metric]:
     if snap.hists:
         fam = HISTOGRAM_FAMILY
         hist = HistogramMetricFamily(fam.name, fam.help, labels=["run", "split", *fam.labels])
-        for (split, cls), (counts, total) in sorted(snap.hists.items()):
-            cumulative, buckets = 0.0, []
-            for edge, count in zip([*snap.edges, math.inf], counts, strict=True):
-                cumulative += count
-                buckets.append(("+Inf" if math.isinf(edge) else repr(float(edge)), cumulative))
-            hist.add_metric([run, split, cls], buckets, total)
+        for (split, cls), h in sorted(snap.hists.items()):
+            buckets = [("+Inf" if math.isinf(edge) else repr(edge), count) for edge, count in h.cumulative()]
+            hist.add_metric([run, split, cls], buckets, h.total)
         out[fam.name] = hist
     order = {f.name: i for i, f in enumerate(ALL_FAMILIES)}
     yield from sorted(out.values(), key=lambda m: order.get(m.name, len(order)))
@@ -74,11 +72,20 @@ class _Collector:
 class PrometheusExporter:
     """Exposes every collected metric as ``agent_obs_*`` families on ``http://host:port/metrics``.
 
-    ``port=0`` picks a free port (see ``.port``); ``port=None`` serves nothing (push only).
-    ``push_gateway="http://host:9091"`` also pushes after each export, from a background
-    thread (latest state wins, so the queue is bounded at one push). A port already in use
-    raises ``PortInUseError`` at construction, or with ``on_bind_error="warn"`` is reported
-    once and the exporter keeps working for the Pushgateway.
+    Pushes to a Pushgateway run on a background thread (latest state wins, so the queue is
+    bounded at one push); ``close()`` returns within ``max(push_timeout_s, 0.5 s)``.
+
+    Args:
+        port: Port to serve ``/metrics`` on; ``0`` picks a free one (see ``.port``), ``None`` serves nothing.
+        host: Address to bind; the default serves loopback only, ``"0.0.0.0"`` every interface.
+        run: Value of the ``run`` label on every series (and the Pushgateway grouping key).
+        push_gateway: Pushgateway base URL (``"http://host:9091"``); each export then also pushes.
+        job: Pushgateway job name.
+        push_timeout_s: Timeout of one push, and the bound on the final push in ``close()``.
+        on_bind_error: A port already in use raises ``PortInUseError`` (``"raise"``), or is reported
+            once and the exporter keeps working for the Pushgateway (``"warn"``).
+        report_interval_s: At most one warning per fault source per this many seconds.
+        max_tools: At most this many ``tool`` label values plus ``_other``; ``attach()`` sets its own.
     """
 
     def __init__(
@@ -91,7 +98,7 @@ class PrometheusExporter:
         job: str = "agent_obs",
         push_timeout_s: float = 5.0,
         on_bind_error: str = "raise",
-        report_interval_s: float = 300.0,
+        report_interval_s: float = DEFAULT_REPORT_INTERVAL_S,
         max_tools: int = DEFAULT_MAX_TOOLS,
     ) -> None:
         if on_bind_error not in ("raise", "warn"):
@@ -140,7 +147,7 @@ class PrometheusExporter:
         """At most ``max_tools`` tool label values (plus the overflow ``_other``); ``attach`` sets it."""
         self._state.set_max_tools(max_tools)
 
-    def export(self, metrics: Mapping[str, float], *, step: int, split: str) -> None:
+    def export(self, metrics: Metrics, *, step: int, split: str) -> None:
         """Record one collect: gauges replaced for ``split``, counters and histogram buckets added."""
         record_export(self._state, self._reporter, metrics, step, split)
         if self._pusher is not None:

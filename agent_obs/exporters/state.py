@@ -13,8 +13,9 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
+from agent_obs.accumulator import Histogram, Metrics
 from agent_obs.distributed import OVERFLOW_TOOL
-from agent_obs.exporters.base import FaultReporter
+from agent_obs.exporters.base import FaultReporter, as_metrics
 from agent_obs.exporters.families import LAST_COLLECT_FAMILY, STEP_FAMILY, TOOL_FAMILIES, Family, Sample, metric_samples
 
 DEFAULT_MAX_TOOLS = 16  # attach()'s default; attach() passes its own value to the exporters it is given
@@ -59,8 +60,7 @@ class Snapshot(NamedTuple):
 
     gauges: dict[str, dict[SeriesKey, float]]  # split -> latest collect's gauges
     counters: dict[tuple[str, SeriesKey], float]  # (split, series) -> sum over collects
-    hists: dict[tuple[str, str], tuple[list[float], float]]  # (split, class) -> (bucket counts, sum)
-    edges: tuple[float, ...]
+    hists: dict[tuple[str, str], Histogram]  # (split, class) -> entropy histogram summed over collects
 
 
 class SeriesState:
@@ -71,8 +71,7 @@ class SeriesState:
         self.tools = ToolLabels(max_tools)
         self.gauges: dict[str, dict[SeriesKey, float]] = {}
         self.counters: dict[tuple[str, SeriesKey], float] = {}
-        self.hists: dict[tuple[str, str], tuple[list[float], float]] = {}
-        self.edges: tuple[float, ...] = ()
+        self.hists: dict[tuple[str, str], Histogram] = {}
         self.dropped_tools = 0  # tool samples over the cap that an export did not keep
 
     def set_max_tools(self, max_tools: int) -> None:
@@ -80,10 +79,9 @@ class SeriesState:
         with self.lock:
             self.tools.max_tools = max_tools
 
-    def update(self, metrics: Mapping[str, float], step: int, split: str, now: float) -> list[str]:
+    def update(self, metrics: Metrics, step: int, split: str, now: float) -> list[str]:
         """Record one collect; return the keys outside the metric grammar (ignored)."""
         samples, unknown = metric_samples(metrics)
-        histograms = getattr(metrics, "histograms", None) or {}
         with self.lock:
             samples = self._cap_tools(samples)
             gauges: dict[SeriesKey, float] = {(STEP_FAMILY, ()): float(step), (LAST_COLLECT_FAMILY, ()): now}
@@ -94,15 +92,9 @@ class SeriesState:
                     key = (split, (fam, labels))
                     self.counters[key] = self.counters.get(key, 0.0) + value
             self.gauges[split] = gauges
-            for cls, hist in histograms.items():
-                counts, total = self.hists.get((split, cls), ([0.0] * len(hist.counts), 0.0))
-                if len(counts) != len(hist.counts) or (self.edges and self.edges != tuple(hist.edges)):
-                    raise ValueError(f"histogram edges changed for split={split!r} class={cls!r}")
-                self.edges = tuple(hist.edges)
-                self.hists[(split, cls)] = (
-                    [a + b for a, b in zip(counts, hist.counts, strict=True)],
-                    total + hist.total,
-                )
+            for cls, hist in metrics.histograms.items():
+                before = self.hists.get((split, cls))
+                self.hists[(split, cls)] = hist if before is None else before.plus(hist)
         return unknown
 
     def _cap_tools(self, samples: Iterable[Sample]) -> list[Sample]:
@@ -129,8 +121,7 @@ class SeriesState:
             return Snapshot(
                 {split: dict(g) for split, g in self.gauges.items()},
                 dict(self.counters),
-                {key: (list(c), s) for key, (c, s) in self.hists.items()},
-                self.edges,
+                dict(self.hists),  # Histogram is immutable
             )
 
     def empty(self) -> bool:
@@ -148,9 +139,12 @@ class SeriesState:
 def record_export(
     state: SeriesState, reporter: FaultReporter, metrics: Mapping[str, float], step: int, split: str
 ) -> None:
-    """``state.update`` that never raises: errors, ignored keys and tools over the cap are reported."""
+    """``state.update`` that never raises: errors, ignored keys and tools over the cap are reported.
+
+    A plain mapping is taken as ``Metrics`` without histograms (``as_metrics``).
+    """
     dropped = state.dropped_tools
-    unknown = reporter.call("export", state.update, metrics, step, split, time.time())
+    unknown = reporter.call("export", state.update, as_metrics(metrics), step, split, time.time())
     if unknown:
         reporter.report("export", f"keys outside the metric grammar ignored: {sorted(unknown)[:5]}")
     if state.dropped_tools > dropped:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from typing import Any, TextIO
 
 import structlog
 
-from agent_obs.exporters.base import FaultReporter
+from agent_obs.accumulator import Metrics
+from agent_obs.exporters.base import DEFAULT_REPORT_INTERVAL_S, FaultReporter, as_metrics
 
 
 def _renderer(renderer: str):
@@ -24,9 +24,14 @@ class StructlogExporter:
 
     When the collect has hardest samples, a second event ``samples_event`` carries them as ``samples``.
 
-    Pass your own structlog ``logger`` to use your configuration; otherwise events are
-    rendered (``renderer="kv"`` or ``"json"``) to ``file`` (default stderr) with an ISO
-    timestamp and level.
+    Args:
+        logger: Your structlog logger (your processors and output); by default one renders events
+            with an ISO timestamp and level to ``file``.
+        event: Name of the per-collect metrics event.
+        samples_event: Name of the event carrying the hardest samples.
+        renderer: ``"kv"`` (key=value) or ``"json"``, for the default logger only.
+        file: Text stream of the default logger (default: stderr).
+        report_interval_s: At most one warning per fault source per this many seconds.
     """
 
     def __init__(
@@ -37,7 +42,7 @@ class StructlogExporter:
         samples_event: str = "agent_obs.samples",
         renderer: str = "kv",
         file: TextIO | None = None,
-        report_interval_s: float = 300.0,
+        report_interval_s: float = DEFAULT_REPORT_INTERVAL_S,
     ) -> None:
         if logger is None:
             processors = [
@@ -51,13 +56,15 @@ class StructlogExporter:
         self.samples_event = samples_event
         self._reporter = FaultReporter("structlog", interval_s=report_interval_s)
 
-    def export(self, metrics: Mapping[str, float], *, step: int, split: str) -> None:
-        """Emit one info event for this collect (never raises)."""
+    def export(self, metrics: Metrics, *, step: int, split: str) -> None:
+        """Emit one info event for this collect, and one for its hardest samples if any (never raises)."""
+        metrics = as_metrics(metrics)
         fields = {key: float(value) for key, value in metrics.items()}
         self._reporter.call("export", self.logger.info, self.event, step=step, split=split, **fields)
-        samples = getattr(metrics, "samples", None)
-        if samples:
-            self._reporter.call("export", self.logger.info, self.samples_event, step=step, split=split, samples=samples)
+        if metrics.samples:
+            self._reporter.call(
+                "export", self.logger.info, self.samples_event, step=step, split=split, samples=metrics.samples
+            )
 
     def close(self) -> None:
         """Nothing to release: the logger belongs to structlog."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from agent_obs.exporters.base import FaultReporter
+from agent_obs.exporters.base import DEFAULT_REPORT_INTERVAL_S, FaultReporter
 
 
 def torchtune_names(metrics: Mapping[str, float], split: str) -> dict[str, float]:
@@ -22,11 +22,15 @@ def torchtune_names(metrics: Mapping[str, float], split: str) -> dict[str, float
 class TorchtuneMetricLogger:
     """An agent_obs exporter that forwards each collect to a torchtune metric logger's ``log_dict``.
 
-    ``close()`` closes the torchtune logger only with ``close_logger=True`` (a recipe usually
-    closes its own logger).
+    Args:
+        logger: A torchtune ``MetricLoggerInterface`` (anything with ``log_dict(payload, step)``).
+        close_logger: Whether ``close()`` also closes ``logger`` (a recipe usually closes its own).
+        report_interval_s: At most one warning per fault source per this many seconds.
     """
 
-    def __init__(self, logger: Any, *, close_logger: bool = False, report_interval_s: float = 300.0) -> None:
+    def __init__(
+        self, logger: Any, *, close_logger: bool = False, report_interval_s: float = DEFAULT_REPORT_INTERVAL_S
+    ) -> None:
         if not callable(getattr(logger, "log_dict", None)):
             raise TypeError(
                 f"{type(logger).__name__} has no log_dict(payload, step): pass a torchtune MetricLoggerInterface "
