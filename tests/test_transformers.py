@@ -450,7 +450,7 @@ def test_forward_that_skips_lm_head_is_reprojected(tok, samples):
     model.train()
     with pytest.warns(UserWarning, match="did not call lm_head"):
         logits = model(**batch)
-    metrics = callback.observers["train"].collect(split="train", step=1)
+    metrics = callback.publisher.publish(callback.recorders["train"], split="train", step=1)
     rows = shifted_rows([{"logits": logits.detach().double(), **_targets(batch)}])
     expected = reference_metrics(*rows)
     assert {k: metrics[k] for k in expected} == pytest.approx(expected, rel=1e-5)
