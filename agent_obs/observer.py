@@ -68,7 +68,16 @@ class Observer:
         token_classes: bool = True,
         tool_ids: bool | None = None,
     ) -> None:
-        """Compile the metric kernel now rather than in step 1 (see ``Recorder.warmup`` for the arguments)."""
+        """Compile the metric kernel now, on a dummy chunk shaped like the projection's output, not in step 1.
+
+        Args:
+            dtype: the logits dtype (default: the projection's weight dtype; pass the autocast dtype
+                under autocast).
+            vocab_size: the logits width (default: the projection's).
+            labels: the ``observe()`` blocks will pass ``labels``.
+            token_classes: the blocks will pass ``token_classes``.
+            tool_ids: the blocks will pass ``tool_ids`` (default: ``token_classes and max_tools > 0``).
+        """
         self.recorder.warmup(
             dtype=dtype, vocab_size=vocab_size, labels=labels, token_classes=token_classes, tool_ids=tool_ids
         )
