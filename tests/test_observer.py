@@ -311,14 +311,16 @@ def test_misaligned_targets_raise_clear_errors(model):
 
 
 class RecordingExporter:
+    """Keeps every export call and counts its closes (each exporter must be closed exactly once)."""
+
     def __init__(self):
-        self.calls, self.closed = [], False
+        self.calls, self.closes = [], 0
 
     def export(self, metrics, *, step, split):
         self.calls.append((dict(metrics), step, split))
 
     def close(self):
-        self.closed = True
+        self.closes += 1
 
 
 class BrokenExporter:
@@ -338,7 +340,7 @@ def test_exporters_get_metrics_and_a_failing_one_never_breaks_collect(model):
         metrics = obs.collect(split="val", step=42)
         assert obs.collect(split="val", step=43) == {"nonfinite_tokens": 0.0}  # nothing observed: not exported
     assert good.calls == [(dict(metrics), 42, "val")]
-    assert good.closed
+    assert good.closes == 1
     assert not model.lm_head._forward_hooks  # detached
     with pytest.raises(RuntimeError, match="detached"), obs.observe(labels=labels):
         pass

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from metric_reference import assert_metrics_close, reference_metrics
-from test_observer import TinyDecoder, make_batch
+from test_observer import RecordingExporter, TinyDecoder, make_batch
 
 from agent_obs import attach
 from agent_obs.exporters import JsonlExporter
@@ -34,19 +34,6 @@ def model() -> TinyDecoder:
 def reference(logits: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> dict[str, float]:
     want, _ = reference_metrics(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), classes.reshape(-1))
     return want
-
-
-class ClosingCounter:
-    """An exporter that only counts its ``close()`` calls (the publisher must close each exporter once)."""
-
-    def __init__(self) -> None:
-        self.closes = 0
-
-    def export(self, metrics, *, step, split):
-        pass
-
-    def close(self):
-        self.closes += 1
 
 
 def test_begin_end_without_a_context_manager_records_exactly_one_block(model):
@@ -88,7 +75,7 @@ def test_end_rejects_a_block_the_projection_did_not_cover_and_keeps_nothing(mode
 def test_one_publisher_serves_train_and_eval_recorders_with_one_set_of_exporters_and_one_close(model, tmp_path):
     settings = Settings(max_tools=4)
     path = tmp_path / "metrics.jsonl"
-    counter = ClosingCounter()
+    counter = RecordingExporter()
     publisher = Publisher(settings, [JsonlExporter(path), counter])
     train, evaluation = Recorder(model, settings), Recorder(model, settings)  # both on lm_head
     batches = {split: make_batch(2, 7 + i, seed=10 + i) for i, split in enumerate(("train", "eval"))}

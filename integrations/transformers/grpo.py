@@ -41,7 +41,7 @@ EXPORT_SPLIT = "rl_{}"  # exporters get rl_train / rl_eval, so dashboards and al
 class SampledHead(nn.Module):
     """``lm_head`` followed by TRL's logit transform (scale, soft-capping, 1/temperature), in float32.
 
-    The observer hooks this wrapper, which only the re-projection calls: the metrics are those of
+    The recorders hook this wrapper, which only the re-projection calls: the metrics are those of
     the distribution the completions were sampled from, as TRL's ``entropy``.
     """
 
