@@ -16,11 +16,11 @@ from torch import nn
 from agent_obs.accumulator import DEFAULT_TOPK, Metrics
 from agent_obs.exporters.base import Exporter
 from agent_obs.publisher import Publisher
-from agent_obs.recorder import Observing, Recorder, Targets, shift_left, to_device
+from agent_obs.recorder import Observing, Recorder, Targets, shift_left
 from agent_obs.samples import DEFAULT_OUTLIER_K
 from agent_obs.settings import Rows, Settings
 
-__all__ = ["Observer", "attach", "shift_left", "to_device"]
+__all__ = ["Observer", "attach", "shift_left"]  # shift_left: for callers that shift labels themselves
 
 
 class Observer:
