@@ -1,7 +1,7 @@
 """agent-obs: live entropy, perplexity, top-k mass and accuracy per token class for agent SFT."""
 
-from agent_obs.accumulator import Histogram, Metrics, StatsAccumulator
-from agent_obs.classify import ToolCall, classify_tokens, find_tool_calls, find_tool_spans, token_tool_ids
+from agent_obs.accumulator import Metrics
+from agent_obs.classify import classify_tokens, find_tool_calls, token_tool_ids
 from agent_obs.metrics import compute_metrics
 from agent_obs.observer import Observer, attach
 from agent_obs.offsets import token_offsets
@@ -9,17 +9,13 @@ from agent_obs.token_class import TokenClass
 from agent_obs.tools import tool_id, tool_name
 
 __all__ = [
-    "Histogram",
     "Metrics",
     "Observer",
-    "StatsAccumulator",
     "TokenClass",
-    "ToolCall",
     "attach",
     "classify_tokens",
     "compute_metrics",
     "find_tool_calls",
-    "find_tool_spans",
     "token_offsets",
     "token_tool_ids",
     "tool_id",

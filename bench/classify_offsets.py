@@ -18,7 +18,8 @@ from pathlib import Path
 
 from agent_obs.integrations.torchtune.assets import build_bpe_tokenizer
 
-from agent_obs import classify_tokens, find_tool_spans, token_offsets
+from agent_obs import classify_tokens, token_offsets
+from agent_obs.classify import find_tool_spans
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "trajectories"
 STRICT = re.compile(r"<function=[^>]+>.*?</function>", re.DOTALL)

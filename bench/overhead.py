@@ -26,6 +26,7 @@ from torchtune.models.qwen2 import qwen2
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 import agent_obs
+from agent_obs.accumulator import StatsAccumulator
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -82,7 +83,7 @@ def statistics_only(model, inputs, labels, classes) -> float:
     """Median time of the accumulator alone on the logits chunks of one step (the kernel's share)."""
     with torch.no_grad():
         chunks = [c.reshape(-1, c.shape[-1]) for c in model(inputs)]
-    acc = agent_obs.StatsAccumulator(num_tool_slots=17)
+    acc = StatsAccumulator(num_tool_slots=17)
     times = []
     for _ in range(5):
         start = time.perf_counter()

@@ -20,13 +20,12 @@ from agent_obs import (
     TokenClass,
     classify_tokens,
     find_tool_calls,
-    find_tool_spans,
     token_offsets,
     token_tool_ids,
     tool_id,
     tool_name,
 )
-from agent_obs.classify import UNKNOWN_TOOL, find_arg_spans, token_tool_args
+from agent_obs.classify import UNKNOWN_TOOL, find_arg_spans, find_tool_spans, token_tool_args
 from agent_obs.keys import sanitize_tool_name
 from agent_obs.tools import NO_TOOL
 

@@ -82,7 +82,7 @@ def model() -> TinyDecoder:
 def test_full_logits_equal_compute_metrics_and_float64(model):
     tokens, labels, classes = make_batch(3, 17, seed=1)
     obs = attach(model)
-    assert obs.projection.name == "lm_head"
+    assert obs.recorder.projection.name == "lm_head"
     with obs.observe(labels=labels, token_classes=classes):
         logits = model(tokens)
     got = obs.collect(split="train", step=1)
@@ -209,7 +209,7 @@ def test_every_n_steps_observes_every_nth_block_only(model):
             seen_classes.append(classes[0])
     want = compute_metrics(torch.cat(seen_logits), torch.cat(seen_labels), torch.cat(seen_classes))
     assert_same_metrics(obs.collect(), want)
-    assert obs.blocks_seen == 7
+    assert obs.recorder.blocks_seen == 7
 
 
 def test_forwards_outside_observe_record_nothing(model):
@@ -278,8 +278,8 @@ def test_layer_lookup_errors_list_candidates_and_show_layer_fix():
     with pytest.raises(ValueError, match=r"no attribute 'proj_c'.*layer="):
         attach(NoHead(), layer="proj_c")
     model = NoHead()
-    assert attach(model, layer="proj_b").projection.module is model.proj_b
-    assert attach(model, layer=model.proj_a).projection.name == "proj_a"
+    assert attach(model, layer="proj_b").recorder.projection.module is model.proj_b
+    assert attach(model, layer=model.proj_a).recorder.projection.name == "proj_a"
 
 
 def test_projection_found_by_vocabulary_when_unnamed():
@@ -292,7 +292,7 @@ def test_projection_found_by_vocabulary_when_unnamed():
             self.last = nn.Linear(8, 31)
 
     model = Unnamed()
-    assert attach(model).projection.name == "last"
+    assert attach(model).recorder.projection.name == "last"
 
 
 def test_misaligned_targets_raise_clear_errors(model):
@@ -311,14 +311,16 @@ def test_misaligned_targets_raise_clear_errors(model):
 
 
 class RecordingExporter:
+    """Keeps every export call and counts its closes (each exporter must be closed exactly once)."""
+
     def __init__(self):
-        self.calls, self.closed = [], False
+        self.calls, self.closes = [], 0
 
     def export(self, metrics, *, step, split):
         self.calls.append((dict(metrics), step, split))
 
     def close(self):
-        self.closed = True
+        self.closes += 1
 
 
 class BrokenExporter:
@@ -338,7 +340,7 @@ def test_exporters_get_metrics_and_a_failing_one_never_breaks_collect(model):
         metrics = obs.collect(split="val", step=42)
         assert obs.collect(split="val", step=43) == {"nonfinite_tokens": 0.0}  # nothing observed: not exported
     assert good.calls == [(dict(metrics), 42, "val")]
-    assert good.closed
+    assert good.closes == 1
     assert not model.lm_head._forward_hooks  # detached
     with pytest.raises(RuntimeError, match="detached"), obs.observe(labels=labels):
         pass

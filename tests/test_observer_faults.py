@@ -106,7 +106,7 @@ def test_nesting_inside_a_skipped_block_is_detected(model):
         model(tokens)
     with obs.observe(labels=labels):  # block 3 (the failed nested one did not count as a block)
         model(tokens)
-    assert obs.blocks_seen == 3
+    assert obs.recorder.blocks_seen == 3
     assert obs.collect()["tokens"] == 2 * int((labels != IGNORE).sum())
 
 
@@ -146,13 +146,13 @@ def test_in_place_edit_of_the_projection_output_warns_once():
     obs = attach(InPlaceHead(in_place=True))
     warned = pytest.warns(RuntimeWarning, match=r"modified the output of lm_head in place.*out-of-place")
     with warned, obs.observe(labels=labels, token_classes=classes):
-        logits = obs.model(tokens)  # still alive at the end of the block, as the loss's input is
+        logits = obs.recorder.model(tokens)  # still alive at the end of the block, as the loss's input is
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with obs.observe(labels=labels, token_classes=classes):  # warned once already
-            logits = obs.model(tokens)
+            logits = obs.recorder.model(tokens)
         clean = attach(InPlaceHead(in_place=False))
         with clean.observe(labels=labels, token_classes=classes):
-            logits = clean.model(tokens)
+            logits = clean.recorder.model(tokens)
             nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()  # backward: no edit
     assert obs.collect()["tokens"] > 0 and clean.collect()["tokens"] > 0

@@ -46,7 +46,7 @@ def test_equal_to_compute_metrics_full_and_chunked(tied, num_chunks):
     if num_chunks:
         model.set_num_output_chunks(num_chunks)
     obs = attach(model)
-    assert obs.projection.name == ("output.linear" if tied else "output")
+    assert obs.recorder.projection.name == ("output.linear" if tied else "output")
     all_logits, all_labels, all_classes = [], [], []
     for seq in (10, 13):  # not divisible by 3 or 8; seq 10 with 8 chunks gives 5 chunks
         tokens, labels, classes = make_batch(2, seq, seed=seq, vocab=VOCAB)
@@ -103,5 +103,5 @@ def test_compiled_blocks_and_activation_checkpointing():
 
 def test_tied_linear_passed_explicitly_and_by_name():
     model = tiny_qwen2(tied=True)
-    assert attach(model, layer=model.output).projection.module is model.output.linear
-    assert attach(model, layer="output").projection.vocab_size == VOCAB
+    assert attach(model, layer=model.output).recorder.projection.module is model.output.linear
+    assert attach(model, layer="output").recorder.projection.vocab_size == VOCAB

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from agent_obs import StatsAccumulator, TokenClass
+from agent_obs import TokenClass
+from agent_obs.accumulator import StatsAccumulator
 from agent_obs.cli import main
 from agent_obs.exporters.jsonl import JsonlExporter
 from agent_obs.report import ReportError, draw, load_records

@@ -19,6 +19,7 @@ import pytest
 import torch
 import transformers
 from agent_obs.integrations.transformers import AgentChatCollator, AgentObsCallback, encode_conversation
+from test_observer import RecordingExporter
 
 from agent_obs import TokenClass, compute_metrics, tool_id
 from agent_obs.exporters.jsonl import JsonlExporter
@@ -344,7 +345,8 @@ def test_trainer_logs_equal_float64_reference_with_grad_accumulation(tok, sample
         data_collator=AgentChatCollator(tok, max_length=256),
     )
     jsonl = tmp_path / "metrics.jsonl"
-    callback = AgentObsCallback.install(trainer, exporters=[JsonlExporter(jsonl)])
+    closes = RecordingExporter()
+    callback = AgentObsCallback.install(trainer, exporters=[JsonlExporter(jsonl), closes])
     trainer.train()
 
     assert recorder.leaked == []  # the model never received token_classes/tool_ids
@@ -374,6 +376,8 @@ def test_trainer_logs_equal_float64_reference_with_grad_accumulation(tok, sample
 
     # the exporters got exactly what the logs got, with the split and the trainer's step
     callback.detach()
+    callback.detach()
+    assert closes.closes == 1  # train and eval recorders share one publisher: each exporter is closed once
     exported = [json.loads(line) for line in jsonl.read_text().splitlines()]
     splits = [("train", 2), ("eval", 2), ("train", 4), ("eval", 4), ("eval", 4)]
     assert [(e["split"], e["step"]) for e in exported] == splits
@@ -450,7 +454,7 @@ def test_forward_that_skips_lm_head_is_reprojected(tok, samples):
     model.train()
     with pytest.warns(UserWarning, match="did not call lm_head"):
         logits = model(**batch)
-    metrics = callback.observers["train"].collect(split="train", step=1)
+    metrics = callback.publisher.publish(callback.recorders["train"], split="train", step=1)
     rows = shifted_rows([{"logits": logits.detach().double(), **_targets(batch)}])
     expected = reference_metrics(*rows)
     assert {k: metrics[k] for k in expected} == pytest.approx(expected, rel=1e-5)

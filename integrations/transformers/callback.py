@@ -1,9 +1,10 @@
 """``AgentObsCallback``: agent-obs metrics in a Hugging Face ``Trainer`` (and TRL's ``SFTTrainer``).
 
-The callback attaches one observer per mode (train, eval) to the model's output projection and
-wraps every forward of the model in ``observe()`` from a forward pre-hook, which pops the
-collator's ``token_classes``/``tool_ids`` so the model never sees them. At each logging step it
-collects (all ranks: ``collect()`` all-reduces) and adds ``train_*``/``eval_*`` keys to the logs.
+The callback puts one recorder per mode (train, eval) on the model's output projection, both
+publishing through one ``Publisher`` (one set of exporters, closed once). A forward pre-hook
+``begin()``s a block (popping the collator's ``token_classes``/``tool_ids`` so the model never sees
+them) and a forward hook ``end()``s it. At each logging step it publishes (all ranks: the
+reduction is collective) and adds ``train_*``/``eval_*`` keys to the logs.
 When the loss path never calls the projection (Liger's or TRL's fused linear cross entropy), the
 hidden states are re-projected without grad so the metrics are still reported.
 """
@@ -17,9 +18,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-import agent_obs
 from agent_obs.accumulator import DEFAULT_TOPK
 from agent_obs.projection import find_projection
+from agent_obs.publisher import Publisher
+from agent_obs.recorder import Recorder
+from agent_obs.settings import Settings
 
 RECOMPUTE_BYTES = 64 * 2**20
 _RUNTIME = "_runtime"
@@ -54,6 +57,17 @@ class AgentObsCallback(TrainerCallback):
     Add it with ``AgentObsCallback.install(trainer, ...)`` so it runs before the ``report_to``
     integrations; train batches need ``token_classes`` (and optionally ``tool_ids``) from
     ``AgentChatCollator``.
+
+    Args:
+        model: attach to this model now (``install`` and the trainer's events attach otherwise).
+        exporters: where the metrics go besides the logs (train and eval alike); closed by ``detach()``.
+        topk: top-k probability masses to report.
+        layer: the output projection, when it cannot be found by name or vocabulary size.
+        chunk_tokens: logits rows per kernel call (None: sized from the vocabulary).
+        recompute_fused_head: when the loss never calls ``lm_head`` (a fused linear cross entropy),
+            re-project the hidden states without grad so the metrics are still reported.
+        **attach_kwargs: other ``Settings`` fields (``max_tools``, ``every_n_steps``, ...), as for
+            ``agent_obs.attach``.
     """
 
     def __init__(
@@ -68,16 +82,15 @@ class AgentObsCallback(TrainerCallback):
         **attach_kwargs: Any,
     ) -> None:
         self.exporters = tuple(exporters)
-        self.topk = topk
         self.layer = layer
-        self.chunk_tokens = chunk_tokens
         self.recompute_fused_head = recompute_fused_head
-        self.attach_kwargs = attach_kwargs
-        self.observers: dict[str, Any] = {}
+        self.settings = Settings(topk=topk, chunk_tokens=chunk_tokens, shift_labels=True, **attach_kwargs)
+        self.recorders: dict[str, Recorder] = {}
+        self.publisher: Publisher | None = None
         self.model: torch.nn.Module | None = None
         self._head: torch.nn.Module | None = None
         self._handles: list[Any] = []
-        self._block: Any = None
+        self._open: Recorder | None = None  # the recorder whose block is open
         self._head_calls = 0
         self._hidden: torch.Tensor | None = None
         self._warned_reasons: set[str] = set()
@@ -93,6 +106,10 @@ class AgentObsCallback(TrainerCallback):
 
         First, so the ``train_*``/``eval_*`` keys it adds in ``on_log`` reach every ``report_to``
         integration (user callbacks otherwise run after them).
+
+        Args:
+            trainer: a ``transformers.Trainer`` (or TRL ``SFTTrainer``).
+            **kwargs: the constructor's arguments.
         """
         callback = cls(**kwargs)
         trainer.callback_handler.callbacks.insert(0, callback)
@@ -110,16 +127,8 @@ class AgentObsCallback(TrainerCallback):
             self.detach()
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         head = find_projection(inner, self.layer).module
-        for split in ("train", "eval"):
-            self.observers[split] = agent_obs.attach(
-                inner,
-                layer=head,
-                topk=self.topk,
-                chunk_tokens=self.chunk_tokens,
-                shift_labels=True,
-                exporters=self.exporters,
-                **self.attach_kwargs,
-            )
+        self.recorders = {split: Recorder(inner, self.settings, layer=head) for split in ("train", "eval")}
+        self.publisher = Publisher(self.settings, self.exporters)
         self._head = head
         backbone = getattr(inner, "base_model", None)
         self._handles = [
@@ -132,15 +141,15 @@ class AgentObsCallback(TrainerCallback):
         self.model = model
 
     def detach(self) -> None:
-        """Remove every hook and observer."""
+        """Remove every hook and recorder and close the exporters."""
         self._close_block()
         for handle in self._handles:
             handle.remove()
-        for split, obs in self.observers.items():
-            if split != "train":
-                obs.exporters = []  # shared with the train observer, which closes them once
-            obs.detach()
-        self._handles, self.observers, self.model = [], {}, None
+        for recorder in self.recorders.values():
+            recorder.detach()
+        if self.publisher is not None:
+            self.publisher.close()
+        self._handles, self.recorders, self.publisher, self.model = [], {}, None, None
 
     def check_args(self, args: Any) -> None:
         """Warn (once each) when the configured loss path never calls ``lm_head``, naming the option that fixes it.
@@ -172,24 +181,23 @@ class AgentObsCallback(TrainerCallback):
         labels = kwargs.get("labels")
         if classes is None and labels is None:
             return args, kwargs
-        obs = self.observers["train" if module.training else "eval"]
-        block = obs.observe(labels=labels, token_classes=classes, tool_ids=tool_ids)
-        block.__enter__()
-        self._block, self._head_calls, self._hidden = block, 0, None
+        recorder = self.recorders["train" if module.training else "eval"]
+        recorder.begin(labels=labels, token_classes=classes, tool_ids=tool_ids)
+        self._open, self._head_calls, self._hidden = recorder, 0, None
         return args, kwargs
 
     def _head_called(self, module: torch.nn.Module, inputs: tuple, output: Any) -> None:
         self._head_calls += 1
 
     def _backbone_output(self, module: torch.nn.Module, inputs: tuple, output: Any) -> None:
-        if self._block is not None:
+        if self._open is not None:
             hidden = getattr(output, "last_hidden_state", None)
             if hidden is None:
                 hidden = output[0] if isinstance(output, tuple) else output
             self._hidden = hidden if isinstance(hidden, torch.Tensor) else None
 
     def _post_forward(self, module: torch.nn.Module, inputs: tuple, output: Any) -> None:
-        if self._block is None:
+        if self._open is None:
             return
         try:
             if self._head_calls == 0 and output is not None:
@@ -212,9 +220,9 @@ class AgentObsCallback(TrainerCallback):
                 self._head(chunk)
 
     def _close_block(self) -> None:
-        block, self._block, self._hidden = self._block, None, None
-        if block is not None:
-            block.__exit__(None, None, None)
+        recorder, self._open, self._hidden = self._open, None, None
+        if recorder is not None:
+            recorder.end()
 
     # ---- Trainer events --------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -228,10 +236,11 @@ class AgentObsCallback(TrainerCallback):
         self.check_args(args)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or not self.observers:
+        if logs is None or self.publisher is None:
             return
         prefix = split_of(logs)
-        metrics = self.observers["train" if prefix == "train" else "eval"].collect(split=prefix, step=state.global_step)
+        recorder = self.recorders["train" if prefix == "train" else "eval"]
+        metrics = self.publisher.publish(recorder, split=prefix, step=state.global_step)
         added = {f"{prefix}_{key}": float(value) for key, value in metrics.items()} if metrics.get("tokens") else {}
         merge_into_logs(logs, state, added)
         if added and not self._first and args.report_to and not self._warned_order:
@@ -244,10 +253,10 @@ class AgentObsCallback(TrainerCallback):
             )
 
     def on_predict(self, args, state, control, metrics=None, **kwargs):
-        if metrics is None or not self.observers:
+        if metrics is None or self.publisher is None:
             return
         prefix = split_of(metrics, default="test")
-        values = self.observers["eval"].collect(split=prefix, step=state.global_step)
+        values = self.publisher.publish(self.recorders["eval"], split=prefix, step=state.global_step)
         if values.get("tokens"):
             metrics.update({f"{prefix}_{key}": float(value) for key, value in values.items()})
 

@@ -22,11 +22,13 @@ from agent_obs.integrations.transformers.callback import RECOMPUTE_BYTES, merge_
 from torch import nn
 from transformers import TrainerCallback
 
-import agent_obs
 from agent_obs.accumulator import DEFAULT_TOPK
 from agent_obs.classify import classify_tokens, find_tool_calls, token_tool_ids
 from agent_obs.keys import parse_key
 from agent_obs.projection import find_projection
+from agent_obs.publisher import Publisher
+from agent_obs.recorder import Recorder
+from agent_obs.settings import Settings
 from agent_obs.token_class import TokenClass
 from agent_obs.tools import NO_TOOL
 
@@ -39,7 +41,7 @@ EXPORT_SPLIT = "rl_{}"  # exporters get rl_train / rl_eval, so dashboards and al
 class SampledHead(nn.Module):
     """``lm_head`` followed by TRL's logit transform (scale, soft-capping, 1/temperature), in float32.
 
-    The observer hooks this wrapper, which only the re-projection calls: the metrics are those of
+    The recorders hook this wrapper, which only the re-projection calls: the metrics are those of
     the distribution the completions were sampled from, as TRL's ``entropy``.
     """
 
@@ -90,10 +92,17 @@ class GRPOObsCallback(TrainerCallback):
     Add it with ``GRPOObsCallback.install(trainer)``. Keys: ``train_entropy``,
     ``train_reasoning_entropy``, ``train_tool_call_entropy``, ``train_tool_call.{tool}_*``,
     ``train_top{k}_prob``, ``train_sampled_perplexity``, ``train_sampled_argmax_rate`` (and ``eval_*``).
-    ``fmt``/``strict``: the tool-call format, as for ``find_tool_calls``. ``count_special_tokens``:
-    special tokens (the EOS that ends a completion) are sampled actions; True counts them in the
-    overall metrics only (as TRL's entropy does), False in none. ``chunk_bytes``: float32 logits per
-    re-projection chunk. Other keyword arguments go to ``agent_obs.attach``.
+
+    Args:
+        fmt: the tool-call format, as for ``find_tool_calls``.
+        strict: as for ``find_tool_calls``.
+        count_special_tokens: special tokens (the EOS that ends a completion) are sampled actions; True
+            counts them in the overall metrics only (as TRL's entropy does), False in none.
+        exporters: where the metrics go besides the logs (as ``rl_train``/``rl_eval``); closed by ``detach()``.
+        topk: top-k probability masses to report.
+        chunk_bytes: float32 logits per re-projection chunk.
+        **attach_kwargs: other ``Settings`` fields (``max_tools``, ``every_n_steps``, ...), as for
+            ``agent_obs.attach``.
     """
 
     def __init__(
@@ -111,10 +120,10 @@ class GRPOObsCallback(TrainerCallback):
         self.strict = strict
         self.special_class = TokenClass.CONTEXT if count_special_tokens else TokenClass.IGNORE
         self.exporters = tuple(exporters)
-        self.topk = topk
         self.chunk_bytes = chunk_bytes
-        self.attach_kwargs = attach_kwargs
-        self.observers: dict[str, Any] = {}
+        self.settings = Settings(topk=topk, shift_labels=True, rows="valid", **attach_kwargs)
+        self.recorders: dict[str, Recorder] = {}
+        self.publisher: Publisher | None = None
         self.trainer: Any = None
         self.head: SampledHead | None = None
         self._handles: list[Any] = []
@@ -127,7 +136,12 @@ class GRPOObsCallback(TrainerCallback):
 
     @classmethod
     def install(cls, trainer: Any, **kwargs: Any) -> GRPOObsCallback:
-        """Create the callback, hook ``trainer`` and put it first in its callbacks (before ``report_to``)."""
+        """Create the callback, hook ``trainer`` and put it first in its callbacks (before ``report_to``).
+
+        Args:
+            trainer: a TRL ``GRPOTrainer``.
+            **kwargs: the constructor's arguments.
+        """
         callback = cls(**kwargs)
         callback.attach(trainer)
         trainer.callback_handler.callbacks.insert(0, callback)
@@ -155,17 +169,8 @@ class GRPOObsCallback(TrainerCallback):
             scale=float(getattr(config, "logit_scale", None) or 1.0),
             softcap=getattr(config, "final_logit_softcapping", None),
         )
-        for split in ("train", "eval"):
-            self.observers[split] = agent_obs.attach(
-                inner,
-                layer=self.head,
-                topk=self.topk,
-                shift_labels=True,
-                rows="valid",
-                exporters=self.exporters if split == "train" else (),
-                **self.attach_kwargs,
-            )
-        self.observers["eval"].exporters = list(self.exporters)  # shared: closed once, by the train observer
+        self.recorders = {split: Recorder(inner, self.settings, layer=self.head) for split in ("train", "eval")}
+        self.publisher = Publisher(self.settings, self.exporters)
         self._handles = [
             inner.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
             backbone.register_forward_hook(self._backbone_output),
@@ -192,11 +197,11 @@ class GRPOObsCallback(TrainerCallback):
             handle.remove()
         if self.trainer is not None:
             self.trainer.compute_loss = self._original_compute_loss
-        if "eval" in self.observers:
-            self.observers["eval"].exporters = []
-        for obs in self.observers.values():
-            obs.detach()
-        self._handles, self.observers, self.trainer = [], {}, None
+        for recorder in self.recorders.values():
+            recorder.detach()
+        if self.publisher is not None:
+            self.publisher.close()
+        self._handles, self.recorders, self.publisher, self.trainer = [], {}, None, None
 
     # ---- hooks -----------------------------------------------------------------------------
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -230,10 +235,11 @@ class GRPOObsCallback(TrainerCallback):
         keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
         if not bool(keep.any()):
             return
-        obs = self.observers["train" if pending["training"] else "eval"]
+        recorder = self.recorders["train" if pending["training"] else "eval"]
         vocab = self.head.weight.shape[0]
         step = max(1, self.chunk_bytes // (4 * vocab))
-        with torch.no_grad(), obs.observe(labels=labels, token_classes=pending["classes"], tool_ids=pending["tools"]):
+        observe = recorder.observe(labels=labels, token_classes=pending["classes"], tool_ids=pending["tools"])
+        with torch.no_grad(), observe:
             for chunk in hidden.detach()[keep].split(step):
                 self.head(chunk)
 
@@ -272,11 +278,11 @@ class GRPOObsCallback(TrainerCallback):
             )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or not self.observers:
+        if logs is None or self.publisher is None:
             return
         prefix = split_of(logs)
-        obs = self.observers["train" if prefix == "train" else "eval"]
-        metrics = obs.collect(split=EXPORT_SPLIT.format(prefix), step=state.global_step)
+        recorder = self.recorders["train" if prefix == "train" else "eval"]
+        metrics = self.publisher.publish(recorder, split=EXPORT_SPLIT.format(prefix), step=state.global_step)
         if metrics.get("tokens"):
             merge_into_logs(logs, state, {f"{prefix}_{sampled_key(k)}": float(v) for k, v in metrics.items()})
 

@@ -42,7 +42,7 @@ def test_chunked_qwen2_on_cuda_equals_cpu_reference(tied, max_in_flight):
         logits.append(full_logits(out).detach().cpu().reshape(-1, QWEN_VOCAB))
         labels_all.append(labels.reshape(-1))
         classes_all.append(classes.reshape(-1))
-    assert isinstance(next(iter(obs._engines.values())), SideStreamEngine)
+    assert isinstance(next(iter(obs.recorder._engines.values())), SideStreamEngine)
     want = compute_metrics(torch.cat(logits), torch.cat(labels_all), torch.cat(classes_all))
     assert_same_metrics(obs.collect(), want)
 

@@ -45,7 +45,7 @@ def warmed_observer(max_in_flight: int = 4):
     with torch.no_grad(), obs.observe(labels=labels, token_classes=classes):
         model(tokens.to(CUDA))
     obs.collect()
-    (engine,) = obs._engines.values()
+    (engine,) = obs.recorder._engines.values()
     return model, obs, engine.stream
 
 
@@ -89,7 +89,7 @@ def test_logits_freed_and_overwritten_while_the_side_stream_sleeps(max_in_flight
 
 def slow_interval_reset(obs) -> None:
     """Make the side stream sleep right before it zeroes the interval's sums (what collect() queues last)."""
-    (engine,) = obs._engines.values()
+    (engine,) = obs.recorder._engines.values()
     acc = engine.acc
 
     def slow_reset() -> None:
@@ -102,7 +102,7 @@ def slow_interval_reset(obs) -> None:
 @pytest.mark.parametrize("collect_first", [False, True], ids=["detach-uncollected", "collect-then-detach"])
 def test_detach_frees_nothing_the_sleeping_side_stream_still_writes(collect_first):
     model, obs, side = warmed_observer()
-    (engine,) = obs._engines.values()
+    (engine,) = obs.recorder._engines.values()
     sums_shape = engine.acc.sums.shape
     del engine
     tokens, labels, classes = make_batch(2, 64, seed=3, vocab=VOCAB)
