@@ -2,8 +2,8 @@
 
 The callback puts one recorder per mode (train, eval) on the model's output projection, both
 publishing through one ``Publisher`` (one set of exporters, closed once). A forward pre-hook
-``begin()``s a block (popping the collator's ``token_classes``/``tool_ids`` so the model never sees
-them) and a forward hook ``end()``s it. At each logging step it publishes (all ranks: the
+``begin()``s a block (popping the collator's ``token_classes``/``tool_ids``/``tool_args``/``sample_ids``
+so the model never sees them) and a forward hook ``end()``s it. At each logging step it publishes (all ranks: the
 reduction is collective) and adds ``train_*``/``eval_*`` keys to the logs.
 When the loss path never calls the projection (Liger's or TRL's fused linear cross entropy), the
 hidden states are re-projected without grad so the metrics are still reported.
@@ -178,11 +178,15 @@ class AgentObsCallback(TrainerCallback):
         self._close_block()
         classes = kwargs.pop("token_classes", None)
         tool_ids = kwargs.pop("tool_ids", None)
+        tool_args = kwargs.pop("tool_args", None)  # AgentChatCollator(with_tool_args=True)
+        sample_ids = kwargs.pop("sample_ids", None)  # with add_sample_ids(dataset)
         labels = kwargs.get("labels")
         if classes is None and labels is None:
             return args, kwargs
         recorder = self.recorders["train" if module.training else "eval"]
-        recorder.begin(labels=labels, token_classes=classes, tool_ids=tool_ids)
+        recorder.begin(
+            labels=labels, token_classes=classes, tool_ids=tool_ids, tool_args=tool_args, sample_ids=sample_ids
+        )
         self._open, self._head_calls, self._hidden = recorder, 0, None
         return args, kwargs
 
