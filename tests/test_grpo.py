@@ -22,6 +22,8 @@ import transformers
 import trl
 from agent_obs.integrations.transformers import GRPOObsCallback, classify_completion, grpo_demo, reward_by_tool_call
 from agent_obs.integrations.transformers.grpo import sampled_key
+from metric_reference import reference_metrics as parts_reference
+from test_classify import ref_xml_values
 from test_transformers import reference_metrics
 
 from agent_obs import TokenClass, tool_id
@@ -102,16 +104,19 @@ class ForwardRecorder:
             self.records[-1]["logits"] = output.last_hidden_state.detach().double() @ weight.T / self.temperature
 
 
-def reference_classes(tok, ids: list[int]) -> tuple[list[int], list[int], dict[int, str]]:
-    """Classes/tool ids of one completion from prefix decodes (character offsets) and ``OPEN_BLOCK``."""
+def reference_classes(tok, ids: list[int]) -> tuple[list[int], list[int], dict[int, str], list[int]]:
+    """Classes/tool ids/argument flags of one completion from prefix decodes (character offsets), ``OPEN_BLOCK``
+    and the regex reference of parameter values."""
     specials = {i for i, t in tok.added_tokens_decoder.items() if t.special}
     text = tok.decode(ids, skip_special_tokens=True)
     blocks = [(m.start(), m.end(), m[1]) for m in OPEN_BLOCK.finditer(text)]
-    classes, tools, names = [], [], {}
+    values = ref_xml_values(text, strict=False)
+    classes, tools, names, args = [], [], {}, []
     for i, token in enumerate(ids):
         start = len(tok.decode(ids[:i], skip_special_tokens=True))
         end = len(tok.decode(ids[: i + 1], skip_special_tokens=True))
         hit = [b for b in blocks if start < b[1] and end > b[0]]
+        args.append(int(bool(hit) and any(start < b and end > a for a, b in values)))
         if token in specials:
             classes.append(TokenClass.CONTEXT)  # counted overall only, as TRL's entropy counts the EOS
             tools.append(-1)
@@ -122,20 +127,22 @@ def reference_classes(tok, ids: list[int]) -> tuple[list[int], list[int], dict[i
         else:
             classes.append(TokenClass.REASONING)
             tools.append(-1)
-    return [int(c) for c in classes], tools, names
+    return [int(c) for c in classes], tools, names, args
 
 
 def reference_rows(tok, records: list[dict]) -> tuple[tuple[torch.Tensor, ...], dict[int, str]]:
-    """Flat rows (logits of position t, token t + 1, its class and tool) of the completion tokens."""
+    """Flat rows (logits of position t, token t + 1, its class, tool and argument flag) of the completion tokens."""
     parts, names = [], {}
     for r in records:
         labels = r["labels"][:, 1:]
         for b in range(labels.shape[0]):
             pos = (labels[b] != -100).nonzero().flatten()
             ids = labels[b, pos].tolist()
-            classes, tools, found = reference_classes(tok, ids)
+            classes, tools, found, args = reference_classes(tok, ids)
             names |= found
-            parts.append((r["logits"][b, pos], labels[b, pos], torch.tensor(classes), torch.tensor(tools)))
+            parts.append(
+                (r["logits"][b, pos], labels[b, pos], torch.tensor(classes), torch.tensor(tools), torch.tensor(args))
+            )
     return tuple(torch.cat(column) for column in zip(*parts, strict=True)), names
 
 
@@ -176,8 +183,13 @@ def assert_equals_reference(log: dict, prefix: str, tok, records: list[dict]) ->
 
 
 def assert_metrics(log: dict, prefix: str, rows: tuple[torch.Tensor, ...], names: dict[int, str]) -> dict:
-    """The ``{prefix}_*`` agent-obs keys of ``log`` (not TRL's) equal float64 metrics of these rows."""
-    expected = {_renamed(k): v for k, v in reference_metrics(*rows, names=names).items()}
+    """The ``{prefix}_*`` agent-obs keys of ``log`` (not TRL's) equal float64 metrics of these rows
+    (logits, labels, classes, tools, argument flags)."""
+    logits, labels, classes, tools, args = rows
+    expected = reference_metrics(logits, labels, classes, tools, names=names)
+    parts, _ = parts_reference(logits, labels, classes, tool_args=args)  # tool_syntax_* / tool_args_*
+    expected |= {k: v for k, v in parts.items() if k.startswith(("tool_syntax_", "tool_args_"))}
+    expected = {_renamed(k): v for k, v in expected.items()}
     got = {k[len(prefix) + 1 :]: v for k, v in log.items() if k.startswith(prefix + "_")}
     got = {k: v for k, v in got.items() if parse_key(_grammar(k))}  # agent-obs keys, not TRL's
     assert set(got) == set(expected), sorted(set(got) ^ set(expected))
@@ -298,14 +310,16 @@ def test_environment_feedback_is_not_counted_and_each_turn_is_classified_alone(d
             mask = torch.tensor(rollout.env_masks[tuple(ids)])
             assert 0 < int(mask.sum()) < len(ids)
             classes, tools = torch.zeros(len(ids), dtype=torch.long), torch.full((len(ids),), -1)
+            args = torch.zeros(len(ids), dtype=torch.long)
             bounds = [0, *((mask[1:] != mask[:-1]).nonzero().flatten() + 1).tolist(), len(ids)]
             for start, end in itertools.pairwise(bounds):
                 if mask[start]:  # one assistant turn, classified alone
-                    cls, tids, found = reference_classes(tok, ids[start:end])
+                    cls, tids, found, flags = reference_classes(tok, ids[start:end])
                     classes[start:end], tools[start:end] = torch.tensor(cls), torch.tensor(tids)
+                    args[start:end] = torch.tensor(flags)
                     names |= found
             turn_labels = labels[b, pos].masked_fill(mask == 0, -100)
-            parts.append((record["logits"][b, pos], turn_labels, classes, tools))
+            parts.append((record["logits"][b, pos], turn_labels, classes, tools, args))
         rows = tuple(torch.cat(column) for column in zip(*parts, strict=True))
         assert "tool_call_tokens" in assert_metrics(log, "train", rows, names)
 
@@ -336,15 +350,18 @@ def test_classify_completion_matches_offsets_of_real_assistant_turns(tmp_path):
         enc = tok(content, add_special_tokens=False, return_offsets_mapping=True)
         ids = [*enc["input_ids"], tok.eos_token_id]
         blocks = [(m.start(), m.end(), m[1]) for m in OPEN_BLOCK.finditer(content)]
-        expected_cls, expected_tools = [], []
+        values = ref_xml_values(content, strict=False)
+        expected_cls, expected_tools, expected_args = [], [], []
         for s, e in enc["offset_mapping"]:
             hit = [b for b in blocks if s < b[1] and e > b[0]]
             expected_cls.append(TokenClass.TOOL_CALL if hit else TokenClass.REASONING)
             expected_tools.append(tool_id(hit[0][2]) if hit else -1)
+            expected_args.append(int(any(s < b and e > a for a, b in values)))
         pieces = tok.batch_decode([[i] for i in ids], skip_special_tokens=True)
-        classes, tools = classify_completion(pieces)
+        classes, tools, args = classify_completion(pieces)
         assert classes == [*expected_cls, TokenClass.IGNORE]
         assert tools == [*expected_tools, -1]
+        assert args == [*expected_args, 0]
 
 
 def test_sampled_key_renames_only_perplexity_and_accuracy():

@@ -23,7 +23,14 @@ from torch import nn
 from transformers import TrainerCallback
 
 from agent_obs.accumulator import DEFAULT_TOPK
-from agent_obs.classify import classify_tokens, find_tool_calls, token_tool_ids
+from agent_obs.classify import (
+    FORMATS,
+    classify_tokens,
+    find_arg_spans,
+    find_tool_calls,
+    token_tool_args,
+    token_tool_ids,
+)
 from agent_obs.keys import parse_key
 from agent_obs.projection import find_projection
 from agent_obs.publisher import Publisher
@@ -64,9 +71,10 @@ class SampledHead(nn.Module):
 
 
 def classify_completion(pieces: Sequence[str], fmt: str | re.Pattern = "function_xml", *, strict: bool = False):
-    """Classes and tool ids of one completion given each token's decoded text (``""`` for special tokens).
+    """Classes, tool ids and argument flags of one completion given each token's decoded text.
 
-    The text is the concatenation of the pieces; special tokens (empty pieces) come back IGNORE.
+    The text is the concatenation of the pieces; special tokens (empty pieces, ``""``) come back IGNORE.
+    The flags (``tool_args``: 1 on tool-call tokens inside an argument value) are None for a regex ``fmt``.
     """
     offsets, pos = [], 0
     for piece in pieces:
@@ -75,7 +83,8 @@ def classify_completion(pieces: Sequence[str], fmt: str | re.Pattern = "function
     text = "".join(pieces)
     calls = find_tool_calls(text, fmt, strict=strict)
     classes = classify_tokens(text, offsets, spans=[(c.start, c.end) for c in calls])
-    return classes, token_tool_ids(offsets, calls)
+    args = token_tool_args(offsets, find_arg_spans(text, fmt, calls=calls, strict=strict)) if fmt in FORMATS else None
+    return classes, token_tool_ids(offsets, calls), args
 
 
 def sampled_key(key: str) -> str:
@@ -216,9 +225,15 @@ class GRPOObsCallback(TrainerCallback):
         if tool_mask is not None:  # tool results inside a completion are not the policy's samples (TRL masks them)
             completion = labels[:, -tool_mask.shape[1] :]
             completion.masked_fill_(tool_mask[rows].to(labels.device) == 0, IGNORE_INDEX)
-        classes, tools = self._classify(input_ids, labels)
+        classes, tools, args = self._classify(input_ids, labels)
         labels.masked_fill_((classes == TokenClass.IGNORE).to(labels.device), IGNORE_INDEX)  # not projected at all
-        self._pending = {"labels": labels, "classes": classes, "tools": tools, "training": module.training}
+        self._pending = {
+            "labels": labels,
+            "classes": classes,
+            "tools": tools,
+            "args": args,
+            "training": module.training,
+        }
 
     def _backbone_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._pending is not None:
@@ -238,26 +253,32 @@ class GRPOObsCallback(TrainerCallback):
         recorder = self.recorders["train" if pending["training"] else "eval"]
         vocab = self.head.weight.shape[0]
         step = max(1, self.chunk_bytes // (4 * vocab))
-        observe = recorder.observe(labels=labels, token_classes=pending["classes"], tool_ids=pending["tools"])
+        observe = recorder.observe(
+            labels=labels, token_classes=pending["classes"], tool_ids=pending["tools"], tool_args=pending["args"]
+        )
         with torch.no_grad(), observe:
             for chunk in hidden.detach()[keep].split(step):
                 self.head(chunk)
 
-    def _classify(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per position: the class/tool of the token there, from each run of counted tokens decoded and classified."""
+    def _classify(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per position: the class/tool/argument flag of the token there, from each run of counted tokens
+        decoded and classified (flags None for a regex format)."""
         classes = torch.full(labels.shape, int(TokenClass.IGNORE), dtype=torch.long)
         tools = torch.full(labels.shape, NO_TOOL, dtype=torch.long)
+        args = torch.zeros(labels.shape, dtype=torch.long) if self.fmt in FORMATS else None
         counted = (labels != IGNORE_INDEX).cpu()
         ids = input_ids.cpu()
         self._decode_pieces(ids[counted].unique().tolist())
         for b in range(labels.shape[0]):
             for run in _runs(counted[b]):
                 pieces = [self._pieces[t] for t in ids[b, run].tolist()]
-                cls, tids = classify_completion(pieces, self.fmt, strict=self.strict)
+                cls, tids, flags = classify_completion(pieces, self.fmt, strict=self.strict)
                 cls_t = torch.tensor([int(c) for c in cls], dtype=torch.long)
                 classes[b, run] = torch.where(cls_t == TokenClass.IGNORE, int(self.special_class), cls_t)
                 tools[b, run] = torch.tensor(tids, dtype=torch.long)
-        return classes, tools
+                if args is not None:
+                    args[b, run] = torch.tensor(flags, dtype=torch.long)
+        return classes, tools, args
 
     def _decode_pieces(self, token_ids: list[int]) -> None:
         """Cache each token's text on its own (special tokens decode to ``""``)."""
