@@ -6,6 +6,9 @@ agent_obs:
   every_n_steps: 10          # optimizer steps with detailed metrics; unset: log_detailed_metrics_every_n_steps
   max_tools: 16
   max_in_flight: 4
+  binary_entropy: false      # true: also the seed's top1_binary_entropy keys
+  top_n: 10                  # hardest samples reported per collect (ids from the dataset's sample_id)
+  outlier_k: 3.5             # outlier: mean NLL above median + k x 1.4826 x MAD of the window's samples
   exporters:
     - {_component_: agent_obs.exporters.prometheus.PrometheusExporter, port: 9464, run: my_run}
     - {_component_: agent_obs.exporters.jsonl.JsonlExporter, path: "${output_dir}/agent_obs.jsonl"}
@@ -29,6 +32,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from agent_obs.samples import DEFAULT_OUTLIER_K
+
 PROMETHEUS = "agent_obs.exporters.prometheus.PrometheusExporter"
 OTEL = "agent_obs.exporters.otel.OTelExporter"
 JSONL = "agent_obs.exporters.jsonl.JsonlExporter"
@@ -45,7 +50,10 @@ SHORTHAND: dict[str, tuple[str, str]] = {
 SWITCHES = ("prometheus_port", "otlp_endpoint", "jsonl_path")
 SHORTHAND_DEFAULTS = {JSONL: {"histograms": True}}  # an exporter added by shorthand, as the recipe always built it
 RUN_NAME_TARGETS = (PROMETHEUS, OTEL)
-NODE_KEYS = {"topk", "every_n_steps", "max_tools", "max_in_flight", "exporters", "run_name", *SHORTHAND}
+NODE_KEYS = {
+    "topk", "every_n_steps", "max_tools", "max_in_flight", "binary_entropy", "top_n", "outlier_k", "exporters",
+    "run_name", *SHORTHAND,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,9 @@ class ObserverSettings:
     every_n_steps: int = 10
     max_tools: int = 16
     max_in_flight: int = 4
+    binary_entropy: bool = False
+    top_n: int = 10
+    outlier_k: float = DEFAULT_OUTLIER_K
     exporters: tuple[ExporterSpec, ...] = field(default_factory=tuple)
 
     @property
@@ -170,8 +181,19 @@ def observer_settings(cfg: DictConfig, log: logging.Logger | None = None) -> Obs
         every_n_steps=every,
         max_tools=int(node.get("max_tools", 16)),
         max_in_flight=int(node.get("max_in_flight", 4)),
+        binary_entropy=_flag(node, "binary_entropy"),
+        top_n=int(node.get("top_n", 10)),
+        outlier_k=float(node.get("outlier_k", DEFAULT_OUTLIER_K)),
         exporters=tuple(_exporter_specs(node)),
     )
+
+
+def _flag(node: Mapping[str, Any], key: str) -> bool:
+    """A boolean node key (default False); anything but true/false is refused (``"false"`` would read as True)."""
+    value = node.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"agent_obs.{key} must be true or false, got {value!r}")
+    return value
 
 
 def build_exporter(spec: ExporterSpec) -> Any:
