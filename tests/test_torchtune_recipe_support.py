@@ -429,7 +429,7 @@ def test_train_metrics_reach_the_metric_logger_through_torchtune_metric_logger(t
     tokens = torch.randint(0, 40, (1, 7), generator=torch.Generator().manual_seed(1))
     classes = torch.tensor([[1, 1, 1, 2, 2, 2, 2]])  # reasoning, then a tool call
     for step in (1, 2):  # step 1 is not observed (every 2)
-        with torch.no_grad(), hooks.observe(step, tokens, (classes, None)):
+        with torch.no_grad(), hooks.observe(step, tokens, Extras(classes)):
             model(tokens)
         hooks.after_step(step, 0, 1.0, 2)
     hooks.close()
