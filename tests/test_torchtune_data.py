@@ -299,3 +299,16 @@ def test_seed_component_path_for_the_message_transform_resolves_to_json_to_messa
     ours = AgentSFTDataset(_tokenizer(assets), message_transform=JSONToMessages(), **kw)
     assert isinstance(seed._sft._message_transform, JSONToMessages)
     assert seed[3]["tokens"] == ours[3]["tokens"] and seed[3]["token_classes"] == ours[3]["token_classes"]
+
+
+def test_rows_of_a_non_jsonl_source_are_named_by_their_row_index(assets, tmp_path):
+    import datasets
+
+    rows = [json.loads(line) for line in (DATA_DIR / "agent_sft_val.jsonl").read_text().splitlines()[:3]]
+    path = tmp_path / "val.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    tok = _tokenizer(assets)
+    ds = AgentSFTDataset(tok, source="parquet", data_files=str(path), message_transform=JSONToMessages())
+    assert [ds[i]["sample_id"] for i in range(len(ds))] == [0, 1, 2]
+    batch = padded_collate_agent_sft([ds[0], ds[2]], padding_idx=tok.pad_id)
+    assert batch["sample_ids"] == [0, 2]
