@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -312,3 +313,14 @@ def test_rows_of_a_non_jsonl_source_are_named_by_their_row_index(assets, tmp_pat
     assert [ds[i]["sample_id"] for i in range(len(ds))] == [0, 1, 2]
     batch = padded_collate_agent_sft([ds[0], ds[2]], padding_idx=tok.pad_id)
     assert batch["sample_ids"] == [0, 2]
+
+
+def test_a_sliced_jsonl_split_names_rows_by_index_and_says_why(assets, caplog):
+    tok = _tokenizer(assets)
+    path = DATA_DIR / "agent_sft_val.jsonl"
+    with caplog.at_level(logging.WARNING):
+        ds = AgentSFTDataset(
+            tok, source="json", data_files=str(path), split="train[:2]", message_transform=JSONToMessages()
+        )
+    assert [ds[i]["sample_id"] for i in range(len(ds))] == [0, 1]
+    assert "sample ids are row indices, not file:line" in caplog.text and "dataset:" in caplog.text

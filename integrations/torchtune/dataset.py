@@ -10,6 +10,7 @@ row is reported with its file, line and fix instead of deep inside a data loader
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from agent_obs.token_class import TokenClass
 
 JSON_TO_MESSAGES = "agent_obs.integrations.torchtune.messages.JSONToMessages"
 SAMPLE_ID = "sample_id"
+_LOG = logging.getLogger(__name__)
 
 
 class DataFormatError(ValueError):
@@ -292,11 +294,13 @@ def _with_ids(data: Any, ids: list[str] | None, config_key: str) -> Any:
     """The loaded rows with a ``sample_id`` column: ``ids`` (file:line), else the row index; one already there stays."""
     if not hasattr(data, "add_column") or SAMPLE_ID in (data.column_names or ()):
         return data  # a streamed dataset, or ids the data already carries
-    if ids is not None and len(ids) != len(data):
-        raise DataFormatError(
-            f"{config_key}: the JSON Lines files hold {len(ids)} non-blank lines but {len(data)} rows were loaded, "
-            f"so rows cannot be named by line; load whole files (no split slicing) or add a {SAMPLE_ID!r} field"
+    if ids is not None and len(ids) != len(data):  # e.g. a sliced split: which lines were kept is unknown
+        _LOG.warning(
+            f"agent-obs: {config_key}: the JSON Lines files hold {len(ids)} non-blank lines but {len(data)} rows "
+            f"were loaded (a sliced split?), so sample ids are row indices, not file:line; load whole files or "
+            f"give each row a {SAMPLE_ID!r} field to name it"
         )
+        ids = None
     return data.add_column(SAMPLE_ID, ids if ids is not None else list(range(len(data))))
 
 
