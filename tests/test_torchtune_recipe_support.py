@@ -456,3 +456,9 @@ def test_agent_obs_node_sets_binary_entropy_top_n_and_outlier_k_of_the_attached_
     assert (s.binary_entropy, s.top_n, s.outlier_k) == (False, 10, 3.5)
     with pytest.raises(ValueError, match=r"agent_obs.binary_entropy must be true or false, got 'false'"):
         observer_settings(_cfg(agent_obs={"binary_entropy": "false"}))
+    for bad in (0, -1, 2.5, "3"):
+        with pytest.raises(ValueError, match=rf"agent_obs.top_n must be an integer >= 1 .*got {bad!r}"):
+            observer_settings(_cfg(agent_obs={"top_n": bad}))
+    for bad in (0, -1.0, float("inf"), "3.5"):
+        with pytest.raises(ValueError, match=r"agent_obs.outlier_k must be a positive number"):
+            observer_settings(_cfg(agent_obs={"outlier_k": bad}))

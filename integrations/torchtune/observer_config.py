@@ -26,6 +26,7 @@ removes that exporter.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,8 +183,8 @@ def observer_settings(cfg: DictConfig, log: logging.Logger | None = None) -> Obs
         max_tools=int(node.get("max_tools", 16)),
         max_in_flight=int(node.get("max_in_flight", 4)),
         binary_entropy=_flag(node, "binary_entropy"),
-        top_n=int(node.get("top_n", 10)),
-        outlier_k=float(node.get("outlier_k", DEFAULT_OUTLIER_K)),
+        top_n=_top_n(node),
+        outlier_k=_outlier_k(node),
         exporters=tuple(_exporter_specs(node)),
     )
 
@@ -194,6 +195,22 @@ def _flag(node: Mapping[str, Any], key: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"agent_obs.{key} must be true or false, got {value!r}")
     return value
+
+
+def _top_n(node: Mapping[str, Any]) -> int:
+    """``top_n``: how many hardest samples a collect reports (>= 1)."""
+    value = node.get("top_n", 10)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"agent_obs.top_n must be an integer >= 1 (hardest samples per collect), got {value!r}")
+    return value
+
+
+def _outlier_k(node: Mapping[str, Any]) -> float:
+    """``outlier_k``: the outlier cut-off in robust standard deviations (> 0, finite)."""
+    value = node.get("outlier_k", DEFAULT_OUTLIER_K)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"agent_obs.outlier_k must be a positive number, e.g. {DEFAULT_OUTLIER_K}, got {value!r}")
+    return float(value)
 
 
 def build_exporter(spec: ExporterSpec) -> Any:
