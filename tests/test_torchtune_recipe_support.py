@@ -444,20 +444,27 @@ def test_train_metrics_reach_the_metric_logger_through_torchtune_metric_logger(t
 
 
 def test_agent_obs_node_sets_binary_entropy_top_n_and_outlier_k_of_the_attached_observer(tmp_path):
-    node = {"binary_entropy": True, "top_n": 3, "outlier_k": 2.5}
-    _, hooks = _hooks(tmp_path, agent_obs=node)
-    hooks.attach(_Head(), None, -100)
+    """top_n 4 of 6 samples; outlier_k ~0 puts the threshold at the median, so the 3 hardest are outliers."""
+    _, hooks = _hooks(tmp_path, agent_obs={"binary_entropy": True, "top_n": 4, "outlier_k": 1e-9})
+    model = _Head()
+    hooks.attach(model, None, -100)
+    torch.manual_seed(2)
     try:
-        obs = hooks.observer
-        assert (obs.binary_entropy, obs.top_n, obs.outlier_k) == (True, 3, 2.5)
+        for rows in ([0, 1, 2], [3, 4, 5]):
+            tokens = torch.randint(0, 40, (3, 8))
+            with torch.no_grad(), hooks.observe(10, tokens, Extras(sample_ids=[f"f:{r}" for r in rows])):
+                model(tokens)
+        got = hooks.observer.collect()
     finally:
         hooks.close()
+    assert "top1_binary_entropy" in got
+    assert len(got.samples) == 4 and [s["outlier"] for s in got.samples] == [True, True, True, False]
     s = observer_settings(_cfg())
     assert (s.binary_entropy, s.top_n, s.outlier_k) == (False, 10, 3.5)
     with pytest.raises(ValueError, match=r"agent_obs.binary_entropy must be true or false, got 'false'"):
         observer_settings(_cfg(agent_obs={"binary_entropy": "false"}))
-    for bad in (0, -1, 2.5, "3"):
-        with pytest.raises(ValueError, match=rf"agent_obs.top_n must be an integer >= 1 .*got {bad!r}"):
+    for bad in (-1, 2.5, "3"):
+        with pytest.raises(ValueError, match=rf"agent_obs.top_n must be an integer >= 0 .*got {bad!r}"):
             observer_settings(_cfg(agent_obs={"top_n": bad}))
     for bad in (0, -1.0, float("inf"), "3.5"):
         with pytest.raises(ValueError, match=r"agent_obs.outlier_k must be a positive number"):

@@ -198,10 +198,10 @@ def _flag(node: Mapping[str, Any], key: str) -> bool:
 
 
 def _top_n(node: Mapping[str, Any]) -> int:
-    """``top_n``: how many hardest samples a collect reports (>= 1)."""
+    """``top_n``: how many hardest samples a collect reports (>= 0; 0: none)."""
     value = node.get("top_n", 10)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"agent_obs.top_n must be an integer >= 1 (hardest samples per collect), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"agent_obs.top_n must be an integer >= 0 (hardest samples per collect), got {value!r}")
     return value
 
 
