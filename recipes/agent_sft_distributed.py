@@ -772,7 +772,7 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
                     ignore_idx=self._loss_fn.ignore_index,
                 )
                 if not packed
-                else padded_collate_agent_packed  # agent-obs: keeps token_classes and tool_ids
+                else padded_collate_agent_packed  # agent-obs: keeps token_classes, tool_ids, tool_args, sample_ids
             ),
             # dropping last avoids shape issues with compile + flex attention
             drop_last=not exact,  # agent-obs: validation keeps its last, partial batch
@@ -814,7 +814,7 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
                     and self._device.type == "cuda"
                 ):
                     torch.cuda.memory._record_memory_history()
-                extras = pop_extras(batch)  # agent-obs: token classes and tool ids, kept on the host
+                extras = pop_extras(batch)  # agent-obs: token classes, tool ids/args, sample ids: kept on the host
                 utils.batch_to_device(batch, self._device)
 
                 # Calculate the number of unmasked tokens in the current batch

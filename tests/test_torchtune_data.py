@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def test_unknown_role_in_a_row_names_the_message():
         JSONToMessages()({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]})
 
 
-def test_collate_pads_classes_ignore_and_tools_minus_one(assets):
+def test_collate_pads_classes_ignore_tools_minus_one_args_zero_and_lists_sample_ids(assets):
     tok = _tokenizer(assets)
     ds = AgentSFTDataset(
         tok, source="json", data_files=str(DATA_DIR / "agent_sft_val.jsonl"), message_transform=JSONToMessages()
@@ -161,22 +162,28 @@ def test_collate_pads_classes_ignore_and_tools_minus_one(assets):
     a, b = ds[0], ds[1]
     batch = padded_collate_agent_sft([a, b], padding_idx=tok.pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX)
     seq = batch["tokens"].shape[1]
-    assert batch["token_classes"].shape == batch["tool_ids"].shape == (2, seq)
+    assert batch["token_classes"].shape == batch["tool_ids"].shape == batch["tool_args"].shape == (2, seq)
+    assert batch["sample_ids"] == ["agent_sft_val.jsonl:1", "agent_sft_val.jsonl:2"]
+    assert any(sample["tool_args"].count(1) for sample in (a, b))  # argument values are marked
     for row, sample in enumerate((a, b)):
         n = len(sample["tokens"])
         assert batch["token_classes"][row, :n].tolist() == sample["token_classes"]
         assert batch["tool_ids"][row, :n].tolist() == sample["tool_ids"]
+        assert batch["tool_args"][row, :n].tolist() == sample["tool_args"]
         assert (batch["token_classes"][row, n:] == IGNORE).all() and (batch["tool_ids"][row, n:] == -1).all()
+        assert (batch["tool_args"][row, n:] == 0).all()
         assert (batch["labels"][row, n:] == CROSS_ENTROPY_IGNORE_IDX).all()
 
 
-def test_packing_keeps_classes_and_tools_aligned(assets):
+def test_packing_keeps_classes_tools_args_and_row_ids_aligned(assets):
     max_len = 2048
     tok = _tokenizer(assets, max_seq_len=max_len)
     kw = {"source": "json", "data_files": str(DATA_DIR / "agent_sft_val.jsonl"), "message_transform": JSONToMessages()}
     rows = [AgentSFTDataset(tok, **kw)[j] for j in range(8)]
+    for j, row in enumerate(rows):
+        row["sample_ids"] = [j] * len(row["tokens"])  # packed: the row index of every token
     packed = AgentSFTDataset(tok, packed=True, **kw)
-    keys = ("tokens", "labels", "token_classes", "tool_ids")
+    keys = ("tokens", "labels", "token_classes", "tool_ids", "tool_args", "sample_ids")
     expected, current = [], {k: [] for k in keys}  # greedy packing by length, as torchtune packs
     for row in rows:
         if len(current["tokens"]) + len(row["tokens"]) > max_len:
@@ -191,9 +198,30 @@ def test_packing_keeps_classes_and_tools_aligned(assets):
         for k in keys:
             assert pack[k][:n].tolist() == want[k], k
         assert (pack["token_classes"][n:] == IGNORE).all() and (pack["tool_ids"][n:] == -1).all()
+        assert (pack["tool_args"][n:] == 0).all() and (pack["sample_ids"][n:] == -1).all()
     batch = padded_collate_agent_packed([packed[0], packed[1]])
-    assert batch["token_classes"].shape == batch["tokens"].shape == (2, max_len)
-    assert torch.equal(batch["tool_ids"][1], packed[1]["tool_ids"])
+    assert batch["token_classes"].shape == batch["tokens"].shape == batch["sample_ids"].shape == (2, max_len)
+    for key in ("tool_ids", "tool_args", "sample_ids"):
+        assert torch.equal(batch[key][1], packed[1][key])
+    assert packed.sample_id(3) == "agent_sft_val.jsonl:4"
+
+
+def test_sample_ids_name_file_and_line_through_blank_lines_filters_and_files(assets, tmp_path):
+    lines = (DATA_DIR / "agent_sft_val.jsonl").read_text().splitlines()[:3]
+    first, second = tmp_path / "a" / "part.jsonl", tmp_path / "b" / "part.jsonl"
+    first.parent.mkdir(), second.parent.mkdir()
+    first.write_text(f"{lines[0]}\n\n{lines[1]}\n")
+    second.write_text(f"\n{lines[2]}\n")
+    tok = _tokenizer(assets)
+    kw = {"source": "json", "message_transform": JSONToMessages()}
+    ds = AgentSFTDataset(tok, data_files=[str(first), str(second)], **kw)
+    assert [ds[i]["sample_id"] for i in range(len(ds))] == [f"{first}:1", f"{first}:3", f"{second}:2"]
+    for i, line in enumerate(lines):  # each id names the line its sample came from
+        alone = tmp_path / f"alone{i}.jsonl"
+        alone.write_text(line + "\n")
+        assert ds[i]["tokens"] == AgentSFTDataset(tok, data_files=str(alone), **kw)[0]["tokens"]
+    kept = AgentSFTDataset(tok, data_files=str(first), filter_fn=lambda row: row["sample_id"] != "part.jsonl:1", **kw)
+    assert [kept[i]["sample_id"] for i in range(len(kept))] == ["part.jsonl:3"]
 
 
 def test_classification_off_or_failing_still_trains(assets, caplog):
@@ -272,3 +300,27 @@ def test_seed_component_path_for_the_message_transform_resolves_to_json_to_messa
     ours = AgentSFTDataset(_tokenizer(assets), message_transform=JSONToMessages(), **kw)
     assert isinstance(seed._sft._message_transform, JSONToMessages)
     assert seed[3]["tokens"] == ours[3]["tokens"] and seed[3]["token_classes"] == ours[3]["token_classes"]
+
+
+def test_rows_of_a_non_jsonl_source_are_named_by_their_row_index(assets, tmp_path):
+    import datasets
+
+    rows = [json.loads(line) for line in (DATA_DIR / "agent_sft_val.jsonl").read_text().splitlines()[:3]]
+    path = tmp_path / "val.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    tok = _tokenizer(assets)
+    ds = AgentSFTDataset(tok, source="parquet", data_files=str(path), message_transform=JSONToMessages())
+    assert [ds[i]["sample_id"] for i in range(len(ds))] == [0, 1, 2]
+    batch = padded_collate_agent_sft([ds[0], ds[2]], padding_idx=tok.pad_id)
+    assert batch["sample_ids"] == [0, 2]
+
+
+def test_a_sliced_jsonl_split_names_rows_by_index_and_says_why(assets, caplog):
+    tok = _tokenizer(assets)
+    path = DATA_DIR / "agent_sft_val.jsonl"
+    with caplog.at_level(logging.WARNING):
+        ds = AgentSFTDataset(
+            tok, source="json", data_files=str(path), split="train[:2]", message_transform=JSONToMessages()
+        )
+    assert [ds[i]["sample_id"] for i in range(len(ds))] == [0, 1]
+    assert "sample ids are row indices, not file:line" in caplog.text and "dataset:" in caplog.text

@@ -289,15 +289,17 @@ def test_validation_counts_every_val_row_once_across_two_ranks_like_one_process(
     ds = AgentSFTDataset(tok, source="json", data_files=str(val_file), message_transform=JSONToMessages())
     files = sorted(p.name for p in (run / "epoch_0").glob("*.safetensors"))
     model = _load(run / "epoch_0", files, run.parent / "reload", TinyQwen2Config()).eval()
-    logits, labels, classes = [], [], []
+    logits, labels, classes, args, per_row = [], [], [], [], {}
     with torch.no_grad():
         for i in range(len(ds)):
             row = ds[i]
             logits.append(model(torch.tensor([row["tokens"]]))[0])
             labels.append(torch.tensor([*row["labels"][1:], CROSS_ENTROPY_IGNORE_IDX]))
             classes.append(torch.tensor([*row["token_classes"][1:], 0]))
-    logits, labels, classes = torch.cat(logits), torch.cat(labels), torch.cat(classes)
-    want, _ = reference_metrics(logits, labels, classes)
+            args.append(torch.tensor([*row["tool_args"][1:], 0]))
+            per_row[row["sample_id"]] = reference_metrics(logits[-1], labels[-1], classes[-1])[0]
+    logits, labels, classes, args = torch.cat(logits), torch.cat(labels), torch.cat(classes), torch.cat(args)
+    want, _ = reference_metrics(logits, labels, classes, tool_args=args)
     loss_tokens = labels != CROSS_ENTROPY_IGNORE_IDX
     want_loss = torch.nn.functional.cross_entropy(logits[loss_tokens].double(), labels[loss_tokens]).item()
 
@@ -307,6 +309,50 @@ def test_validation_counts_every_val_row_once_across_two_ranks_like_one_process(
     for key, value in want.items():
         assert val[key] == pytest.approx(value, rel=2e-5, abs=1e-7), key
     assert log[1]["val_loss"] == pytest.approx(want_loss, rel=1e-5)
+
+    # tool-call anatomy: syntax + args == tool_call tokens, train and val, in the metric logger's keys
+    for split in ("train", "val"):
+        values = log[1]
+        for part in ("tool_syntax_", "tool_args_"):
+            for stat in ("entropy", "accuracy", "perplexity"):
+                assert math.isfinite(values[f"{split}_{part}{stat}"]), f"{split}_{part}{stat}"
+        tokens = values[f"{split}_tool_syntax_tokens"] + values[f"{split}_tool_args_tokens"]
+        assert values[f"{split}_tool_args_tokens"] > 0 and tokens == values[f"{split}_tool_call_tokens"]
+    # the hardest samples: every val row, named by its file and line, each mean NLL as one process computes it
+    assert sorted(per_row) == [f"{val_file.name}:{line}" for line in range(1, 6)]
+    assert {s["id"] for s in val["samples"]} == set(per_row)
+    assert [s["nll"] for s in val["samples"]] == sorted((s["nll"] for s in val["samples"]), reverse=True)
+    for sample in val["samples"]:
+        ref = per_row[sample["id"]]
+        assert sample["tokens"] == ref["tokens"], sample["id"]
+        for key in ("nll", "tool_call_nll", "reasoning_nll"):
+            assert sample[key] == pytest.approx(math.log(ref[key.replace("nll", "perplexity")]), rel=2e-5), key
+
+
+@pytest.mark.slow
+def test_demo_summary_shows_syntax_vs_args_rows_and_the_hardest_val_trajectories(two_epoch_run):
+    """The demo's closing summary, from the JSONL the recipe wrote: tool_syntax/tool_args rows, the hardest table."""
+    from agent_obs.integrations.torchtune.demo import HARDEST_SHOWN, format_samples, format_table, last_records
+
+    run, val_file = two_epoch_run
+    records = last_records(run / "m.jsonl")
+    table = format_table(records).splitlines()
+    for split in ("train", "val"):
+        for group in ("tool_syntax", "tool_args"):
+            (row,) = [line for line in table if line.split()[:2] == [split, group]]
+            assert int(row.split()[-1]) == records[split][f"{group}_tokens"]
+    samples = records["val"]["samples"]
+    lines = format_samples(records["val"]).splitlines()
+    assert lines[0].split() == ["id", "tokens", "mean", "NLL", "tool-call", "NLL", "outlier"]
+    assert len(lines) == 2 + min(HARDEST_SHOWN, len(samples))
+    for line, sample in zip(lines[2:], samples, strict=False):  # hardest first, as collected
+        cells = line.split()
+        assert cells[0] == sample["id"] and cells[0].startswith(f"{val_file.name}:")
+        assert (int(cells[1]), float(cells[2]), float(cells[3])) == (
+            sample["tokens"], pytest.approx(sample["nll"], abs=5e-5), pytest.approx(sample["tool_call_nll"], abs=5e-5)
+        )  # fmt: skip
+        assert cells[4] == ("yes" if sample["outlier"] else "no")
+    assert format_samples({"split": "val"}) == ""
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from agent_obs.integrations.torchtune.observer_config import (
     observer_settings,
     topk_from_entropy_k,
 )
-from agent_obs.integrations.torchtune.recipe_hooks import observe_block
+from agent_obs.integrations.torchtune.recipe_hooks import Extras, observe_block, pop_extras
 from agent_obs.integrations.torchtune.resume import resume_checkpoint_files, truncate_jsonl
 from agent_obs.integrations.torchtune.sampler import ShardSampler
 from agent_obs.integrations.torchtune.seed_config import resolve_seed_components
@@ -313,7 +313,7 @@ def test_observe_block_scores_each_position_against_the_next_token_and_its_class
     labels[:, :2] = -100  # prompt
     classes = torch.randint(1, 3, (2, 9))  # reasoning / tool call
     obs = attach(model, topk=(1, 5))
-    with torch.no_grad(), observe_block(obs, labels, classes, None, ignore_index=-100):
+    with torch.no_grad(), observe_block(obs, labels, Extras(classes), ignore_index=-100):
         logits = model(tokens)
     got = obs.collect()
     obs.detach()
@@ -323,6 +323,58 @@ def test_observe_block_scores_each_position_against_the_next_token_and_its_class
     assert got["tokens"] == want["tokens"] == int((shifted != -100).sum())
     for key in ("entropy", "perplexity", "reasoning_entropy", "tool_call_top5_prob", "accuracy"):
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_observe_block_shifts_tool_args_and_packed_sample_ids_and_ranks_the_samples(packed):
+    """tool_args split tool_call (syntax + args == tool_call); each sample's mean NLL equals a float64 reference."""
+    from metric_reference import reference_metrics, reference_rows
+
+    torch.manual_seed(1)
+    model = _Head()
+    tokens = torch.randint(0, 40, (2, 10))
+    labels = tokens.clone()
+    labels[:, :2] = -100
+    classes = torch.randint(1, 3, (2, 10))
+    args = torch.randint(0, 2, (2, 10)) * (classes == int(TokenClass.TOOL_CALL))
+    if packed:  # row 0 packs samples 3 and 8 then padding; row 1 is sample 5
+        ids = torch.tensor([[3] * 4 + [8] * 4 + [-1] * 2, [5] * 10])
+        labels[0, 8:] = -100
+    else:
+        ids = ["val.jsonl:3", "val.jsonl:5"]
+    batch = {"tokens": tokens, "labels": labels, "token_classes": classes, "tool_ids": None, "tool_args": args}
+    batch["sample_ids"] = ids
+    extras = pop_extras(batch)
+    assert set(batch) == {"tokens", "labels"}  # nothing the model does not take
+    obs = attach(model, topk=(1,), top_n=5)
+    with torch.no_grad(), observe_block(obs, labels, extras, ignore_index=-100):
+        logits = model(tokens)
+    got = obs.collect()
+    obs.detach()
+
+    def shift(t: torch.Tensor, fill: int) -> torch.Tensor:
+        return torch.cat([t[:, 1:], torch.full((2, 1), fill)], dim=1)
+
+    s_labels, s_classes, s_args = shift(labels, -100), shift(classes, int(TokenClass.IGNORE)), shift(args, 0)
+    want, _ = reference_metrics(
+        logits.reshape(-1, 40), s_labels.reshape(-1), s_classes.reshape(-1), topk=(1,), tool_args=s_args.reshape(-1)
+    )
+    assert got["tool_syntax_tokens"] + got["tool_args_tokens"] == got["tool_call_tokens"] == want["tool_call_tokens"]
+    for key in ("tool_syntax_entropy", "tool_args_entropy", "tool_args_accuracy", "tool_syntax_tokens"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    nll = reference_rows(logits.reshape(-1, 40).double(), s_labels.reshape(-1).clamp(min=0), (1,))["nll"]
+    token_ids = shift(ids, -1) if packed else torch.tensor([[3] * 10, [5] * 10])
+    names = {3: "val.jsonl:3", 5: "val.jsonl:5"} if not packed else {3: 3, 8: 8, 5: 5}
+    valid = (s_labels != -100).reshape(-1)
+    expected = {}
+    for sid, name in names.items():
+        mine = valid & (token_ids.reshape(-1) == sid)
+        if mine.any():
+            expected[name] = (int(mine.sum()), nll[mine].mean().item())
+    samples = {s["id"]: s for s in got.samples}
+    assert set(samples) == set(expected)
+    for name, (n, mean_nll) in expected.items():
+        assert samples[name]["tokens"] == n and samples[name]["nll"] == pytest.approx(mean_nll, rel=1e-5), name
 
 
 def _hooks(tmp_path: Path, **top):
@@ -377,7 +429,7 @@ def test_train_metrics_reach_the_metric_logger_through_torchtune_metric_logger(t
     tokens = torch.randint(0, 40, (1, 7), generator=torch.Generator().manual_seed(1))
     classes = torch.tensor([[1, 1, 1, 2, 2, 2, 2]])  # reasoning, then a tool call
     for step in (1, 2):  # step 1 is not observed (every 2)
-        with torch.no_grad(), hooks.observe(step, tokens, (classes, None)):
+        with torch.no_grad(), hooks.observe(step, tokens, Extras(classes)):
             model(tokens)
         hooks.after_step(step, 0, 1.0, 2)
     hooks.close()
@@ -389,3 +441,31 @@ def test_train_metrics_reach_the_metric_logger_through_torchtune_metric_logger(t
     assert float(logged["train_tokens"]) == record["tokens"] == 6
     assert float(logged["train_entropy"]) == pytest.approx(record["entropy"], rel=1e-6)
     assert "train_reasoning_entropy" in logged and "train_tool_call_entropy" in logged
+
+
+def test_agent_obs_node_sets_binary_entropy_top_n_and_outlier_k_of_the_attached_observer(tmp_path):
+    """top_n 4 of 6 samples; outlier_k ~0 puts the threshold at the median, so the 3 hardest are outliers."""
+    _, hooks = _hooks(tmp_path, agent_obs={"binary_entropy": True, "top_n": 4, "outlier_k": 1e-9})
+    model = _Head()
+    hooks.attach(model, None, -100)
+    torch.manual_seed(2)
+    try:
+        for rows in ([0, 1, 2], [3, 4, 5]):
+            tokens = torch.randint(0, 40, (3, 8))
+            with torch.no_grad(), hooks.observe(10, tokens, Extras(sample_ids=[f"f:{r}" for r in rows])):
+                model(tokens)
+        got = hooks.observer.collect()
+    finally:
+        hooks.close()
+    assert "top1_binary_entropy" in got
+    assert len(got.samples) == 4 and [s["outlier"] for s in got.samples] == [True, True, True, False]
+    s = observer_settings(_cfg())
+    assert (s.binary_entropy, s.top_n, s.outlier_k) == (False, 10, 3.5)
+    with pytest.raises(ValueError, match=r"agent_obs.binary_entropy must be true or false, got 'false'"):
+        observer_settings(_cfg(agent_obs={"binary_entropy": "false"}))
+    for bad in (-1, 2.5, "3"):
+        with pytest.raises(ValueError, match=rf"agent_obs.top_n must be an integer >= 0 .*got {bad!r}"):
+            observer_settings(_cfg(agent_obs={"top_n": bad}))
+    for bad in (0, -1.0, float("inf"), "3.5"):
+        with pytest.raises(ValueError, match=r"agent_obs.outlier_k must be a positive number"):
+            observer_settings(_cfg(agent_obs={"outlier_k": bad}))

@@ -1,4 +1,10 @@
-"""Collate functions that carry ``token_classes`` (padded IGNORE) and ``tool_ids`` (padded -1) with the batch."""
+"""Collate functions that carry ``token_classes`` (padded IGNORE), ``tool_ids`` (padded -1), ``tool_args``
+(padded 0) and ``sample_ids`` with the batch.
+
+``sample_ids`` is a list with one id per sequence (``"file:line"`` from ``AgentSFTDataset``) in the
+unpacked collate, and a ``[B, S]`` long tensor of per-token dataset row indices (-1 for padding) in
+the packed one (see ``AgentPackedDataset``): both go to ``observe(sample_ids=...)`` as they are.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,9 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_packed, padd
 
 from agent_obs.token_class import TokenClass
 
-EXTRA_FIELDS = {"token_classes": int(TokenClass.IGNORE), "tool_ids": NO_TOOL}
+EXTRA_FIELDS = {"token_classes": int(TokenClass.IGNORE), "tool_ids": NO_TOOL, "tool_args": 0}
+SAMPLE_IDS = "sample_ids"
+NO_SAMPLE = -1  # a packed batch's padding tokens belong to no sample
 AGENT_COLLATE = "agent_obs.integrations.torchtune.collate.padded_collate_agent_sft"
 TORCHTUNE_COLLATE = "torchtune.data.padded_collate_sft"
 
@@ -39,16 +47,18 @@ def _pad_extra(batch: list[dict[str, Any]], seq_len: int) -> dict[str, torch.Ten
 def padded_collate_agent_sft(
     batch: list[dict[str, Any]], padding_idx: int = 0, ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX
 ) -> dict[str, torch.Tensor]:
-    """``padded_collate_sft`` plus ``token_classes``/``tool_ids`` padded to the same length."""
+    """``padded_collate_sft`` plus the per-token extras padded to the same length and the samples' ids as a list."""
     out = padded_collate_sft(batch, padding_idx=padding_idx, ignore_idx=ignore_idx)
     out.update(_pad_extra(batch, out["tokens"].shape[-1]))
+    if batch and all("sample_id" in x for x in batch):
+        out[SAMPLE_IDS] = [x["sample_id"] for x in batch]
     return out
 
 
 def padded_collate_agent_packed(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """``padded_collate_packed`` (block-causal mask, input_pos) plus the packed per-token extras."""
+    """``padded_collate_packed`` (block-causal mask, input_pos) plus the packed per-token extras and sample ids."""
     out = padded_collate_packed(batch)
-    for key in EXTRA_FIELDS:
+    for key in (*EXTRA_FIELDS, SAMPLE_IDS):
         if all(key in x for x in batch):
             out[key] = torch.stack([x[key] for x in batch])
     return out

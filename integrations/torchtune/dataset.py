@@ -1,4 +1,6 @@
-"""``AgentSFTDataset``: torchtune's ``SFTDataset`` samples plus ``token_classes`` and ``tool_ids``.
+"""``AgentSFTDataset``: torchtune's ``SFTDataset`` samples plus ``token_classes``, ``tool_ids``, ``tool_args``
+and a ``sample_id`` naming the row's source (``"train.jsonl:12"``: file name and 1-based line for local
+JSON Lines, the row index otherwise), which the recipe passes to ``observe(sample_ids=...)``.
 
 Same arguments as ``SFTDataset`` builders (the recipe passes the tokenizer first), same
 ``tokens``/``labels``; local JSON Lines files are checked line by line first so that a bad
@@ -8,6 +10,7 @@ row is reported with its file, line and fix instead of deep inside a data loader
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ from torchtune.datasets import PackedDataset, SFTDataset
 from agent_obs.token_class import TokenClass
 
 JSON_TO_MESSAGES = "agent_obs.integrations.torchtune.messages.JSONToMessages"
+SAMPLE_ID = "sample_id"
+_LOG = logging.getLogger(__name__)
 
 
 class DataFormatError(ValueError):
@@ -60,15 +65,23 @@ def _lines(path: Path, where: str) -> Iterator[tuple[int, str]]:
                 yield lineno, line
 
 
+def source_names(files: Sequence[str | Path]) -> list[str]:
+    """How sample ids name each file: its file name, or the path as given when two files share a name."""
+    names = [Path(f).name for f in files]
+    return names if len(set(names)) == len(names) else [str(f) for f in files]
+
+
 def check_jsonl_files(
     data_files: str | Sequence[str], message_transform: Callable, *, config_key: str = "dataset"
-) -> None:
+) -> list[str]:
     """Parse each line of local JSON Lines files and build its messages; ``DataFormatError`` at the first bad one.
 
     Errors start with ``config_key`` (the config section, e.g. ``dataset_val``), then file and line.
+    Returns each row's id, ``"{file name}:{line}"`` (1-based), in the order the rows are loaded.
     """
     files = [data_files] if isinstance(data_files, str | Path) else list(data_files)
-    for name in files:
+    ids: list[str] = []
+    for name, source in zip(files, source_names(files), strict=True):
         path = Path(name)
         if not path.is_file():
             raise DataFormatError(
@@ -78,6 +91,7 @@ def check_jsonl_files(
         rows = 0
         for lineno, line in _lines(path, config_key):
             rows += 1
+            ids.append(f"{source}:{lineno}")
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -99,6 +113,7 @@ def check_jsonl_files(
                 f"{config_key}.data_files: {path} {state}: it needs one conversation per line "
                 f'({{"messages": [...]}}); fill it or point {config_key}.data_files at your data'
             )
+    return ids
 
 
 def instantiate_component(node: Mapping[str, Any]) -> Any:
@@ -126,6 +141,8 @@ class _AgentSampleTransform:
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         messages = self.message_transform(sample)
         check_conversation(messages["messages"])
+        if SAMPLE_ID in sample:
+            messages = {**messages, SAMPLE_ID: sample[SAMPLE_ID]}  # the model transform passes it through
         out = self.model_transform(messages)
         out["labels"] = list(np.where(out["mask"], CROSS_ENTROPY_IGNORE_IDX, out["tokens"]))
         return out
@@ -134,33 +151,45 @@ class _AgentSampleTransform:
 class _Field(Dataset):
     """Samples re-keyed so that ``PackedDataset`` packs two per-token fields exactly as it packs tokens/labels."""
 
-    def __init__(self, samples: list[dict[str, Any]], first: str, second: str) -> None:
+    def __init__(self, samples: list[dict[str, Any]], first: str | Callable, second: str | Callable) -> None:
         self.samples, self.first, self.second = samples, first, second
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        s = self.samples[i]
-        return {"tokens": s[self.first], "labels": s[self.second]}
+        return {"tokens": self._get(i, self.first), "labels": self._get(i, self.second)}
+
+    def _get(self, i: int, key: str | Callable[[int], list[int]]) -> list[int]:
+        return key(i) if callable(key) else self.samples[i][key]
 
 
 class AgentPackedDataset(Dataset):
-    """``PackedDataset`` that also packs ``token_classes`` (padded IGNORE) and ``tool_ids`` (padded -1).
+    """``PackedDataset`` that also packs ``token_classes`` (padded IGNORE), ``tool_ids`` (padded -1),
+    ``tool_args`` (padded 0) and ``sample_ids``: per token, the index of its row in ``ds`` (padded -1).
 
-    Packing depends only on sample lengths, so packing the per-token fields through a second
-    ``PackedDataset`` gives packs aligned position by position with the tokens.
+    Packing depends only on sample lengths, so packing the per-token fields through more
+    ``PackedDataset``s gives packs aligned position by position with the tokens. Packed ids are
+    row indices (ints, the same in every batch); ``AgentSFTDataset.sample_id(i)`` names row ``i``.
     """
 
     def __init__(self, ds: Dataset, *, max_seq_len: int, padding_idx: int = 0, **pack_kwargs: Any) -> None:
         samples = [ds[i] for i in range(len(ds))]
         self.packed = PackedDataset(samples, max_seq_len=max_seq_len, padding_idx=padding_idx, **pack_kwargs)
-        self.extra = None
+        self.extra = self.args = None
         if samples and "token_classes" in samples[0]:
             fields = _Field(samples, "token_classes", "tool_ids")
             self.extra = PackedDataset(
                 fields, max_seq_len=max_seq_len, padding_idx=int(TokenClass.IGNORE), **pack_kwargs
             )
+        self.has_args = bool(samples) and "tool_args" in samples[0]
+        if self.has_args or (samples and SAMPLE_ID in samples[0]):
+            rows = _Field(
+                samples,
+                "tool_args" if self.has_args else (lambda i: [0] * len(samples[i]["tokens"])),
+                lambda i: [i] * len(samples[i]["tokens"]),
+            )
+            self.args = PackedDataset(rows, max_seq_len=max_seq_len, padding_idx=0, **pack_kwargs)
 
     def __len__(self) -> int:
         return len(self.packed)
@@ -173,6 +202,13 @@ class AgentPackedDataset(Dataset):
             tools = extra["labels"].clone()
             tools[tools == CROSS_ENTROPY_IGNORE_IDX] = NO_TOOL
             pack["tool_ids"] = tools
+        if self.args is not None:
+            args = self.args[i]
+            if self.has_args:
+                pack["tool_args"] = args["tokens"]
+            rows = args["labels"].clone()
+            rows[rows == CROSS_ENTROPY_IGNORE_IDX] = -1
+            pack["sample_ids"] = rows
         return pack
 
 
@@ -202,8 +238,9 @@ class AgentSFTDataset(Dataset):
     ) -> None:
         if isinstance(message_transform, Mapping):  # a nested {_component_: ...} from YAML
             message_transform = instantiate_component(message_transform)
+        ids = None
         if source == "json" and data_files is not None:
-            check_jsonl_files(data_files, message_transform, config_key=config_key)
+            ids = check_jsonl_files(data_files, message_transform, config_key=config_key)
         model_transform = AgentSFTTransform(
             tokenizer, enable_token_classification=enable_token_classification, tool_call_format=tool_call_format
         )
@@ -211,11 +248,13 @@ class AgentSFTDataset(Dataset):
             source=source,
             message_transform=message_transform,
             model_transform=model_transform,
-            filter_fn=filter_fn,
             data_files=data_files,
             split=split,
             **load_dataset_kwargs,
         )
+        self._sft._data = _with_ids(self._sft._data, ids, config_key)
+        if filter_fn is not None:  # after the ids, so that a filtered row keeps its line
+            self._sft._data = self._sft._data.filter(filter_fn)
         self._sft._prepare_sample = _AgentSampleTransform(message_transform, model_transform)
         self._where = f"{source} {data_files}" if data_files else source
         self._config_key = config_key
@@ -239,12 +278,30 @@ class AgentSFTDataset(Dataset):
             return self._packs[index]
         return self.row(index)
 
+    def sample_id(self, index: int) -> int | str:
+        """The id of unpacked row ``index`` (``"file:line"`` for JSON Lines); packed batches carry ``index`` itself."""
+        return self._sft._data[index][SAMPLE_ID]
+
     def row(self, index: int) -> dict[str, Any]:
         """One unpacked sample; a malformed row raises an error naming it."""
         try:
             return self._sft[index]
         except MessageFormatError as exc:
             raise DataFormatError(f"{self._config_key}: row {index} of {self._where}: {exc}") from exc
+
+
+def _with_ids(data: Any, ids: list[str] | None, config_key: str) -> Any:
+    """The loaded rows with a ``sample_id`` column: ``ids`` (file:line), else the row index; one already there stays."""
+    if not hasattr(data, "add_column") or SAMPLE_ID in (data.column_names or ()):
+        return data  # a streamed dataset, or ids the data already carries
+    if ids is not None and len(ids) != len(data):  # e.g. a sliced split: which lines were kept is unknown
+        _LOG.warning(
+            f"agent-obs: {config_key}: the JSON Lines files hold {len(ids)} non-blank lines but {len(data)} rows "
+            f"were loaded (a sliced split?), so sample ids are row indices, not file:line; load whole files or "
+            f"give each row a {SAMPLE_ID!r} field to name it"
+        )
+        ids = None
+    return data.add_column(SAMPLE_ID, ids if ids is not None else list(range(len(data))))
 
 
 class _Rows(Dataset):

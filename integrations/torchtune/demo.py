@@ -39,7 +39,14 @@ TABLE_STATS = (
     ("accuracy", "accuracy"),
     ("tokens", "tokens"),
 )
-TABLE_GROUPS = (("all", ""), ("reasoning", "reasoning_"), ("tool_call", "tool_call_"))
+TABLE_GROUPS = (
+    ("all", ""),
+    ("reasoning", "reasoning_"),
+    ("tool_call", "tool_call_"),
+    ("tool_syntax", "tool_syntax_"),  # tags, names, delimiters of the tool calls
+    ("tool_args", "tool_args_"),  # their argument values
+)
+HARDEST_SHOWN = 5  # rows of the closing summary's hardest-trajectories table
 SHOWN = re.compile(r"step \d+|agent-obs:|Error|error:|Traceback")
 
 
@@ -109,8 +116,9 @@ def last_records(jsonl: Path) -> dict[str, dict]:
 
 
 def format_table(records: dict[str, dict]) -> str:
-    """Rows split x class (all/reasoning/tool_call), columns entropy, perplexity, top-1/top-10 mass, accuracy."""
-    header = f"{'split':<6}{'class':<11}" + "".join(f"{label:>12}" for _, label in TABLE_STATS)
+    """Rows split x class (all/reasoning/tool_call and its syntax/args parts), columns entropy, perplexity,
+    top-1/top-10 mass, accuracy, tokens."""
+    header = f"{'split':<6}{'class':<13}" + "".join(f"{label:>12}" for _, label in TABLE_STATS)
     lines = [header, "-" * len(header)]
     for split in ("train", "val"):
         rec = records.get(split)
@@ -126,8 +134,29 @@ def format_table(records: dict[str, dict]) -> str:
                     cells.append(f"{int(value):>12d}")
                 else:
                     cells.append(f"{value:>12.4f}")
-            lines.append(f"{split:<6}{group:<11}" + "".join(cells))
-        lines.append(f"{'':<17}(step {rec['step']})")
+            lines.append(f"{split:<6}{group:<13}" + "".join(cells))
+        lines.append(f"{'':<19}(step {rec['step']})")
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return f"{'-':>14}" if value is None or not math.isfinite(value) else f"{value:>14.4f}"
+
+
+def format_samples(record: dict, shown: int = HARDEST_SHOWN) -> str:
+    """The hardest trajectories of one record (its ``samples``, hardest first): id, tokens, mean NLL overall and
+    on tool calls, outlier flag; "" when the record has none."""
+    samples = (record.get("samples") or [])[:shown]
+    if not samples:
+        return ""
+    width = max(len("id"), *(len(str(s["id"])) for s in samples))
+    header = f"{'id':<{width}}{'tokens':>8}{'mean NLL':>14}{'tool-call NLL':>14}{'outlier':>9}"
+    lines = [header, "-" * len(header)]
+    for s in samples:
+        flag = "yes" if s.get("outlier") else "no"
+        lines.append(
+            f"{s['id']!s:<{width}}{int(s['tokens']):>8d}{_cell(s.get('nll'))}{_cell(s.get('tool_call_nll'))}{flag:>9}"
+        )
     return "\n".join(lines)
 
 
@@ -214,7 +243,12 @@ def main(args) -> int:
         return rc
     jsonl = run_dir / "agent_obs.jsonl"
     print("\nfinal metrics (train: last step's batch; val: last validation pass)\n")
-    print(format_table(last_records(jsonl)))
+    records = last_records(jsonl)
+    print(format_table(records))
+    hardest = format_samples(records.get("val", {}))
+    if hardest:
+        print(f"\nhardest val trajectories (step {records['val']['step']}, file:line, by mean NLL)\n")
+        print(hardest)
     report = write_report(jsonl)
     print(f"\nJSONL log: {jsonl}")
     print(f"metric log: {run_dir / 'logs'}   checkpoints: {run_dir}/epoch_*")

@@ -6,6 +6,9 @@ agent_obs:
   every_n_steps: 10          # optimizer steps with detailed metrics; unset: log_detailed_metrics_every_n_steps
   max_tools: 16
   max_in_flight: 4
+  binary_entropy: false      # true: also the seed's top1_binary_entropy keys
+  top_n: 10                  # hardest samples reported per collect (ids from the dataset's sample_id)
+  outlier_k: 3.5             # outlier: mean NLL above median + k x 1.4826 x MAD of the window's samples
   exporters:
     - {_component_: agent_obs.exporters.prometheus.PrometheusExporter, port: 9464, run: my_run}
     - {_component_: agent_obs.exporters.jsonl.JsonlExporter, path: "${output_dir}/agent_obs.jsonl"}
@@ -23,11 +26,14 @@ removes that exporter.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from agent_obs.samples import DEFAULT_OUTLIER_K
 
 PROMETHEUS = "agent_obs.exporters.prometheus.PrometheusExporter"
 OTEL = "agent_obs.exporters.otel.OTelExporter"
@@ -45,7 +51,10 @@ SHORTHAND: dict[str, tuple[str, str]] = {
 SWITCHES = ("prometheus_port", "otlp_endpoint", "jsonl_path")
 SHORTHAND_DEFAULTS = {JSONL: {"histograms": True}}  # an exporter added by shorthand, as the recipe always built it
 RUN_NAME_TARGETS = (PROMETHEUS, OTEL)
-NODE_KEYS = {"topk", "every_n_steps", "max_tools", "max_in_flight", "exporters", "run_name", *SHORTHAND}
+NODE_KEYS = {
+    "topk", "every_n_steps", "max_tools", "max_in_flight", "binary_entropy", "top_n", "outlier_k", "exporters",
+    "run_name", *SHORTHAND,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,9 @@ class ObserverSettings:
     every_n_steps: int = 10
     max_tools: int = 16
     max_in_flight: int = 4
+    binary_entropy: bool = False
+    top_n: int = 10
+    outlier_k: float = DEFAULT_OUTLIER_K
     exporters: tuple[ExporterSpec, ...] = field(default_factory=tuple)
 
     @property
@@ -170,8 +182,35 @@ def observer_settings(cfg: DictConfig, log: logging.Logger | None = None) -> Obs
         every_n_steps=every,
         max_tools=int(node.get("max_tools", 16)),
         max_in_flight=int(node.get("max_in_flight", 4)),
+        binary_entropy=_flag(node, "binary_entropy"),
+        top_n=_top_n(node),
+        outlier_k=_outlier_k(node),
         exporters=tuple(_exporter_specs(node)),
     )
+
+
+def _flag(node: Mapping[str, Any], key: str) -> bool:
+    """A boolean node key (default False); anything but true/false is refused (``"false"`` would read as True)."""
+    value = node.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"agent_obs.{key} must be true or false, got {value!r}")
+    return value
+
+
+def _top_n(node: Mapping[str, Any]) -> int:
+    """``top_n``: how many hardest samples a collect reports (>= 0; 0: none)."""
+    value = node.get("top_n", 10)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"agent_obs.top_n must be an integer >= 0 (hardest samples per collect), got {value!r}")
+    return value
+
+
+def _outlier_k(node: Mapping[str, Any]) -> float:
+    """``outlier_k``: the outlier cut-off in robust standard deviations (> 0, finite)."""
+    value = node.get("outlier_k", DEFAULT_OUTLIER_K)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"agent_obs.outlier_k must be a positive number, e.g. {DEFAULT_OUTLIER_K}, got {value!r}")
+    return float(value)
 
 
 def build_exporter(spec: ExporterSpec) -> Any:

@@ -11,10 +11,10 @@ import gc
 import logging
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from agent_obs.integrations.torchtune.collate import EXTRA_FIELDS, default_collate
+from agent_obs.integrations.torchtune.collate import EXTRA_FIELDS, NO_SAMPLE, SAMPLE_IDS, default_collate
 from agent_obs.integrations.torchtune.metric_logger import TorchtuneMetricLogger
 from agent_obs.integrations.torchtune.observer_config import build_exporters, observer_settings
 from agent_obs.integrations.torchtune.resume import point_resume_at_last_epoch, truncate_jsonl
@@ -43,27 +43,39 @@ def cleanup_before_training(device: torch.device) -> None:
         training.cleanup_before_training()
 
 
-def pop_extras(batch: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Remove ``token_classes``/``tool_ids`` (not model inputs) from a batch; they stay on the host."""
-    return batch.pop("token_classes", None), batch.pop("tool_ids", None)
+class Extras(NamedTuple):
+    """A batch's fields that are not model inputs, kept on the host for ``observe()``."""
+
+    token_classes: torch.Tensor | None = None
+    tool_ids: torch.Tensor | None = None
+    tool_args: torch.Tensor | None = None
+    sample_ids: torch.Tensor | list | None = None  # [B] ids, or [B, S] per-token row indices when packed
+
+
+def pop_extras(batch: dict[str, Any]) -> Extras:
+    """Remove the per-token extras and ``sample_ids`` (any unknown key crashes the model) from a batch."""
+    return Extras(*(batch.pop(key, None) for key in (*EXTRA_FIELDS, SAMPLE_IDS)))
 
 
 def observe_block(
-    observer: Observer,
-    labels: torch.Tensor,
-    token_classes: torch.Tensor | None,
-    tool_ids: torch.Tensor | None,
-    *,
-    ignore_index: int,
+    observer: Observer, labels: torch.Tensor, extras: Extras, *, ignore_index: int
 ) -> AbstractContextManager:
-    """``observer.observe`` for one forward of unshifted ``labels``: every field shifted to score token t+1.
+    """``observer.observe`` for one forward of unshifted ``labels``: every per-token field shifted to score token t+1.
 
     Classes and tool ids are shifted where they are (the host, from the collate): the observer maps
-    tool ids to slots there, without a device round trip.
+    tool ids to slots there, without a device round trip. ``[B]`` sample ids need no shift.
     """
-    classes = None if token_classes is None else shift_left(token_classes, EXTRA_FIELDS["token_classes"])
-    tools = None if classes is None or tool_ids is None else shift_left(tool_ids, EXTRA_FIELDS["tool_ids"])
-    return observer.observe(labels=shift_left(labels, ignore_index), token_classes=classes, tool_ids=tools)
+    classes = None if extras.token_classes is None else shift_left(extras.token_classes, EXTRA_FIELDS["token_classes"])
+    tools = args = None
+    if classes is not None:
+        tools = None if extras.tool_ids is None else shift_left(extras.tool_ids, EXTRA_FIELDS["tool_ids"])
+        args = None if extras.tool_args is None else shift_left(extras.tool_args, EXTRA_FIELDS["tool_args"])
+    ids = extras.sample_ids
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        ids = shift_left(ids, NO_SAMPLE)
+    return observer.observe(
+        labels=shift_left(labels, ignore_index), token_classes=classes, tool_ids=tools, tool_args=args, sample_ids=ids
+    )
 
 
 class AgentObsRecipe:
@@ -170,6 +182,9 @@ class AgentObsRecipe:
                 process_group=process_group,
                 max_in_flight=self.settings.max_in_flight,
                 ignore_index=ignore_index,
+                binary_entropy=self.settings.binary_entropy,
+                top_n=self.settings.top_n,
+                outlier_k=self.settings.outlier_k,
             )
 
     # training
@@ -178,18 +193,17 @@ class AgentObsRecipe:
         """Whether optimizer step ``step`` gets detailed metrics."""
         return self.observer is not None and step % self.settings.every_n_steps == 0
 
-    def observe(self, step: int, labels: torch.Tensor, extras: tuple) -> AbstractContextManager:
+    def observe(self, step: int, labels: torch.Tensor, extras: Extras) -> AbstractContextManager:
         """The observer block for a forward of optimizer step ``step`` (a no-op on steps not observed)."""
         return self._block(labels, extras) if self.observing(step) else nullcontext()
 
-    def _block(self, labels: torch.Tensor, extras: tuple) -> AbstractContextManager:
-        """The observer block for one forward (classes dropped when classification is off)."""
-        token_classes, tool_ids = extras
+    def _block(self, labels: torch.Tensor, extras: Extras) -> AbstractContextManager:
+        """The observer block for one forward (classes dropped when classification is off; sample ids kept)."""
         if not self.classify:
-            token_classes = tool_ids = None
-        elif token_classes is None:
+            extras = Extras(sample_ids=extras.sample_ids)
+        elif extras.token_classes is None:
             self._warn_no_classes()
-        return observe_block(self.observer, labels, token_classes, tool_ids, ignore_index=self.ignore_index)
+        return observe_block(self.observer, labels, extras, ignore_index=self.ignore_index)
 
     def _warn_no_classes(self) -> None:
         """One warning when classification is on but batches carry no ``token_classes``."""
