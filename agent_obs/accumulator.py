@@ -192,30 +192,33 @@ class StatsAccumulator:
             None if t is None else t.to(dev) for t in (labels, classes, tool_slots, tool_args, sample_rows)
         )
         slots = tool_slots if self.num_tool_slots and classes is not None else None
-        args = tool_args if classes is not None else None
+        parts = None if classes is None else _tool_parts(tool_args, classes)
         if sample_rows is not None:
             self._reserve_samples(num_samples)
             trash = self.samples.shape[0] - 1
             sample_rows = torch.where(sample_rows >= 0, sample_rows.long(), trash)
         chunk = self.chunk_tokens or default_chunk_tokens(vocab)
-        step = rows_per_call(chunk, vocab, min(max(self.topk), vocab), _fused_chunk_sums.compiling)
-        for start in range(0, n, step):
-            sl = slice(start, min(n, start + step))
+        kmax = min(max(self.topk), vocab)
+        start = 0
+        while start < n:
+            # sized per call: should a kernel fall back to eager (recompile limit), the next calls get eager sizes
+            compiling = _fused_chunk_sums.compiling and fused_block_stats.compiling
+            sl = slice(start, min(n, start + rows_per_call(chunk, vocab, kmax, compiling)))
+            start = sl.stop
             x = logits[sl]
             sums, per_sample = _fused_chunk_sums(
                 x,
                 None if labels is None else labels[sl],
                 None if classes is None else classes[sl],
                 None if slots is None else slots[sl],
-                None if args is None else args[sl],
+                None if parts is None else parts[sl],
                 *fused_block_stats(x),
                 self.topk,
                 ignore_index,
                 self.num_tool_slots,
-                sample_rows is not None,
             )
             self.sums += sums.to(self.sums.device)
-            if per_sample is not None:
+            if sample_rows is not None:
                 self.samples.index_add_(0, sample_rows[sl].to(self.samples.device), per_sample.to(self.samples))
 
     def metrics(self, tool_names: dict[int, str] | None = None, *, binary_entropy: bool = False) -> Metrics:
@@ -235,13 +238,14 @@ def chunk_sums(
     topk: tuple[int, ...],
     ignore_index: int,
     num_tool_slots: int,
-    per_sample: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk's ``[group, column]`` float64 sums from its logits and ``block_stats`` (pure torch, compiled).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's ``[group, column]`` float64 sums and each row's ``[N, SAMPLE_GROUPS x SAMPLE_STATS]`` values
+    (for the per-sample table) from its logits and ``block_stats`` (pure torch, compiled).
 
     Rows are selected by label/class, non-finite ones only counted; group membership is a
     ``[N, group]`` mask, so every group's sums come from one fused reduction over the rows.
-    With ``per_sample`` also each row's ``[N, SAMPLE_GROUPS x SAMPLE_STATS]`` values (else None).
+    ``tool_args`` is ``_tool_parts``' int8 mask. The per-row values are always computed (a few
+    columns per row, tiny next to the logits): a flag would compile a second variant of the kernel.
     """
     kernel_topk = topk if 1 in topk else (*topk, 1)  # the top-1 mass feeds the binary entropy
     stats = finish_row_stats(logits, labels, bmax, bsum, bdot, kernel_topk)
@@ -277,10 +281,7 @@ def chunk_sums(
         tool_call = selected & (classes == _TOOL_CALL)
         groups += [selected & (classes == _REASONING), tool_call]
         if tool_args is not None:
-            inside = tool_args != 0
-            groups += [tool_call & ~inside, tool_call & inside]
-        elif tool_slots is not None:
-            groups += [torch.zeros_like(selected)] * 2
+            groups += [tool_call & (tool_args == 0), tool_call & (tool_args == 1)]
         if tool_slots is not None:
             slots = tool_slots.long().clamp(max=num_tool_slots - 1)
             in_tool = tool_call & (tool_slots >= 0)
@@ -289,12 +290,18 @@ def chunk_sums(
     sums = torch.where(member[:, :, None], values[:, None, :], 0.0).sum(0)  # not a product: 0 * inf NLL is NaN
     pad = len(CLASS_GROUPS) + num_tool_slots - sums.shape[0]
     sums = torch.nn.functional.pad(sums, (0, 0, 0, pad))
-    if not per_sample:
-        return sums, None
     picked = values[:, [COL_TOKENS, COL_LABELED, COL_ENTROPY, COL_NLL, COL_CORRECT]]
     rows = [torch.where(member[:, g, None], picked, 0.0) for g in range(min(len(SAMPLE_GROUPS), member.shape[1]))]
     rows += [torch.zeros_like(picked)] * (len(SAMPLE_GROUPS) - len(rows))
     return sums, torch.cat(rows, dim=-1)
+
+
+def _tool_parts(tool_args: torch.Tensor | None, classes: torch.Tensor) -> torch.Tensor:
+    """``tool_args`` as int8 1 (inside an argument value) / 0 (tool syntax), or all -1 (in neither group) when not
+    given: given or not, the compiled kernel sees one dtype and no ``None``, so it is one variant, not two."""
+    if tool_args is None:
+        return torch.full(classes.shape, -1, dtype=torch.int8, device=classes.device)
+    return (tool_args != 0).to(torch.int8)
 
 
 _fused_chunk_sums = Fused(chunk_sums, options=PASS2_OPTIONS)

@@ -17,8 +17,9 @@ vocabulary is compiled static (the fastest code: a symbolic vocabulary measured 
 CPU); a second size makes dynamo recompile with the vocabulary dynamic (automatic dynamic shapes),
 and every later size of its class reuses that graph (classes: ``V % BLOCK == 0`` or not; tiny
 vocabularies add a few). So a process compiles at most three variants per logits dtype and set of
-given targets; should dynamo still hit its recompile limit, that variant runs eagerly after one
-warning. 0/1-row calls (sizes the compiler would specialise) run eagerly. Alternatives measured and dropped:
+given targets (labels, classes, tool ids; tool-argument masks and per-sample rows add none); should
+dynamo still hit its recompile limit, every kernel runs eagerly from then on, on eager-sized calls,
+after one warning. 0/1-row calls (sizes the compiler would specialise) run eagerly. Alternatives measured and dropped:
 fused masked-max rounds instead of ``torch.topk`` (slower here, +40% compile time), one graph
 (two reads), unbacked sizes and a shared ``exp`` buffer (both materialise a full-size exp(x)).
 A hand-written ``cpp_extension`` kernel would be CPU-only and a second implementation to test.
@@ -147,28 +148,27 @@ class Fused:
 
     Calls with fewer than 2 rows run eagerly (the compiler specialises sizes 0 and 1, so compiling
     them would recompile), ``AGENT_OBS_COMPILE=0`` selects eager mode, and a compile failure warns
-    once and stays eager. A variant (dtype, device, given targets, constants) that would exceed
-    dynamo's recompile limit runs eagerly after one warning instead of dynamo's silent fallback.
+    once and stays eager. Reaching dynamo's recompile limit (``limit_hit``, one switch for every
+    kernel) warns once and turns ``compiling`` False for all of them instead of dynamo's silent
+    per-call fallback, so callers size their calls for eager ops.
     """
+
+    limit_hit = False  # dynamo's recompile limit was reached: every kernel eager from then on
 
     def __init__(self, fn: Callable[..., torch.Tensor], *, options: dict | None = None) -> None:
         self.fn = fn
         self._compiled = torch.compile(fn, dynamic=None, options=options)  # None: automatic dynamic on a change
-        self._failed = False
-        self._eager_variants: set[tuple] = set()  # variants dynamo refused to compile (recompile limit)
+        self._failed = False  # the compiler failed
         functools.update_wrapper(self, fn)
 
     @property
     def compiling(self) -> bool:
         """Whether calls (of >= 2 rows) run the compiled kernel; if not, callers should pass smaller chunks."""
-        return not self._failed and os.environ.get("AGENT_OBS_COMPILE", "1") != "0"
+        return not self._failed and not Fused.limit_hit and os.environ.get("AGENT_OBS_COMPILE", "1") != "0"
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if not self.compiling or tensors[0].shape[0] < 2:
-            return self.fn(*args, **kwargs)
-        variant = _variant(args)
-        if variant in self._eager_variants:
             return self.fn(*args, **kwargs)
         for t in tensors:
             torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -187,12 +187,13 @@ class Fused:
             with torch.no_grad():
                 return self._compiled(*args, **kwargs)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
-            self._eager_variants.add(variant)
+            Fused.limit_hit = True
             warnings.warn(
                 f"agent_obs: torch.compile of {self.fn.__name__} reached dynamo's recompile limit "
-                f"(torch._dynamo.config.recompile_limit={torch._dynamo.config.recompile_limit}) for {variant}: "
-                "this variant runs eagerly (slower). Many logits dtypes / target combinations in one process "
-                "cause this; raise the limit if they are expected",
+                f"(torch._dynamo.config.recompile_limit={torch._dynamo.config.recompile_limit}) on "
+                f"{_signature(args)}: the metric kernels run eagerly from now on in this process (slower, "
+                "smaller calls). Each logits dtype and set of given targets compiles up to three variants; "
+                "raise the limit if this process needs that many",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -210,9 +211,9 @@ class Fused:
             config.fail_on_recompile_limit_hit = fail_before
 
 
-def _variant(args: tuple) -> tuple:
-    """What dynamo's guards tell apart besides sizes: device, dtypes, which tensors are given, the constants."""
-    return tuple((a.device.type, a.dtype, a.dim()) if isinstance(a, torch.Tensor) else a for a in args)
+def _signature(args: tuple) -> str:
+    """The call in words for the fallback warning: each tensor's dtype and shape, the other arguments as they are."""
+    return ", ".join(f"{a.dtype}{list(a.shape)}" if isinstance(a, torch.Tensor) else repr(a) for a in args)
 
 
 def rows_per_call(chunk_tokens: int, vocab: int, kmax: int, compiling: bool) -> int:

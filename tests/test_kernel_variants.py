@@ -1,5 +1,6 @@
-"""The compiled kernel's variants stay bounded: new vocabulary sizes reuse a dynamic graph, warmup() compiles ahead,
-and a dynamo recompile-limit fallback is announced once (compiled mode; each test starts from an empty dynamo cache)."""
+"""The compiled kernel's variants stay bounded: new vocabulary sizes reuse a dynamic graph, tool-argument masks and
+per-sample rows add none, warmup() compiles ahead, and a dynamo recompile-limit fallback is announced once and then
+runs eager-sized calls (compiled mode; each test starts from an empty dynamo cache and no fallback)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from metric_reference import assert_metrics_close, reference_metrics
 from test_observer import TinyDecoder, make_batch
 from torch._dynamo.utils import counters
 
-from agent_obs import attach, compute_metrics, kernel, tool_id
+from agent_obs import accumulator, attach, compute_metrics, kernel, tool_id
+from agent_obs.accumulator import StatsAccumulator
 
 
 @pytest.fixture(autouse=True)
 def compiled(monkeypatch):
-    """Compiled mode, an empty dynamo cache and a fresh 'compiling' announcement, whatever ran before."""
+    """Compiled mode, an empty dynamo cache, no recompile-limit fallback and a fresh 'compiling' announcement,
+    whatever ran before (the fallback state goes with the cache whose limit it records)."""
     monkeypatch.setenv("AGENT_OBS_COMPILE", "1")
     monkeypatch.setattr(kernel, "_announced", set())
+    monkeypatch.setattr(kernel.Fused, "limit_hit", False)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -57,15 +61,43 @@ def test_vocabulary_sizes_compile_a_bounded_number_of_variants_per_dtype():
     assert graphs() - start <= bound + 2 * static, "bf16 needs at most one graph per vocabulary class"
 
 
-def test_recompile_limit_fallback_warns_once_and_stays_correct():
+def test_tool_argument_masks_and_per_sample_rows_compile_no_other_variant():
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(40, 1500, generator=gen) * 4
+    labels = torch.randint(0, 1500, (40,), generator=gen)
+    classes = torch.randint(0, 4, (40,), generator=gen)
+    args = torch.randint(0, 2, (40,), generator=gen)
+    rows = torch.randint(-1, 3, (40,), generator=gen)
+    StatsAccumulator(chunk_tokens=8).update(logits, labels, classes)
+    compiled = graphs()
+    acc = StatsAccumulator(chunk_tokens=8)
+    acc.update(logits, labels, classes, tool_args=args.bool(), sample_rows=rows, num_samples=3)
+    acc.update(logits, labels, classes, tool_args=args)
+    assert graphs() == compiled, "a tool_args mask or per-sample rows compiled another kernel variant"
+    want, _ = reference_metrics(
+        torch.cat([logits, logits]), labels.repeat(2), classes.repeat(2), tool_args=args.repeat(2)
+    )
+    assert_metrics_close(acc.metrics(), want, rtol=1e-5)
+
+
+def test_recompile_limit_fallback_warns_once_then_runs_eager_sized_calls_and_stays_correct(monkeypatch):
+    sums = accumulator._fused_chunk_sums
+    eager_rows = []  # rows of each chunk_sums call that ran eagerly
+    monkeypatch.setattr(sums, "fn", lambda x, *args: eager_rows.append(x.shape[0]) or accumulator.chunk_sums(x, *args))
     with torch._dynamo.config.patch(recompile_limit=1):
         check_vocab(1500, torch.float32, seed=1)  # the one variant the limit allows
-        with pytest.warns(RuntimeWarning, match=r"recompile limit.*runs eagerly"):
+        assert max(eager_rows, default=0) < 2, "a compiled-mode call of >= 2 rows ran eagerly"
+        with pytest.warns(RuntimeWarning, match=r"recompile limit.*run eagerly from now on") as caught:
             check_vocab(1500, torch.float16, seed=2)
+        assert len([w for w in caught if "recompile limit" in str(w.message)]) == 1
+        assert not sums.compiling and not kernel.fused_block_stats.compiling
+        eager_rows.clear()
+        compiled = graphs()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            check_vocab(4099, torch.float16, seed=3)  # the same variant: eager without another word
-    assert kernel.fused_block_stats.compiling  # only that variant went eager
+            check_vocab(4099, torch.float32, seed=3)  # eager without another word, on eager-sized calls
+        assert graphs() == compiled
+        assert sum(eager_rows) == 19 and max(eager_rows) <= kernel.rows_per_call(8, 4099, 10, compiling=False)
 
 
 def test_warmup_compiles_ahead_with_one_log_line(caplog):
