@@ -10,6 +10,7 @@ and sums the whole state with one ``all_reduce``.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 
 import torch
 import torch.distributed as dist
@@ -86,27 +87,32 @@ def reduce_sums(
     max_tools: int,
     selector: ToolSelector | None = None,
     group: dist.ProcessGroup | None = None,
+    overflowed: Collection[int] = (),
 ) -> tuple[torch.Tensor, dict[int, str]]:
     """Global ``[3 + kept tools + 1, columns]`` sums and ``{tool slot: name}`` from this rank's sums.
 
     ``sums`` rows are the class groups, then the local tool slots: ``slot_tools[i] = (tool id,
     name or None if unknown here)`` for slot ``i``; the last row is the local overflow slot.
     ``selector`` (kept across collects) picks the tools; without one, this collect's top
-    ``max_tools`` by tokens. Sums over ``group`` (default: every rank); collective: every rank
-    of it must call it.
+    ``max_tools`` by tokens. ``overflowed``: tools that fell into this rank's overflow slot for
+    want of a free one; a tool that did on any rank gets no row of its own this time (its tokens count
+    under the overflow name), so every per-tool row is exact. Sums over ``group`` (default: every
+    rank); collective: every rank of it must call it.
     """
     n_cls = len(CLASS_GROUPS)
     local_tokens = sums[n_cls : n_cls + len(slot_tools), COL_TOKENS].tolist()
     table = [(tid, name, tok) for (tid, name), tok in zip(slot_tools, local_tokens, strict=True)]
     tokens: Counter[int] = Counter()
     names: dict[int, str] = {}
-    for rank_table in _all_gather(table, group):
+    inexact: set[int] = set()
+    for rank_table, rank_overflowed in _all_gather((table, sorted(overflowed)), group):
+        inexact.update(rank_overflowed)
         for tid, name, tok in rank_table:
             tokens[tid] += tok
             if name is not None:
                 names.setdefault(tid, name)
     selector = selector or ToolSelector(max_tools)
-    kept = [tid for tid in selector.update(dict(tokens)) if tokens[tid] > 0]
+    kept = [tid for tid in selector.update(dict(tokens)) if tokens[tid] > 0 and tid not in inexact]
     other = len(kept)
     target = {tid: i for i, tid in enumerate(kept)}
     out = sums.new_zeros(n_cls + other + 1, sums.shape[1])
@@ -120,7 +126,7 @@ def reduce_sums(
     return out, tool_names
 
 
-def _all_gather(obj: list, group: dist.ProcessGroup | None = None) -> list[list]:
+def _all_gather(obj: object, group: dist.ProcessGroup | None = None) -> list:
     if not is_distributed():
         return [obj]
     gathered: list = [None] * dist.get_world_size(group)

@@ -53,7 +53,10 @@ class Publisher:
         window = recorder.drain()
         step = window.blocks if step is None else step
         selector = self._selectors.setdefault(recorder, ToolSelector(s.max_tools))  # stable tools per recorder
-        sums, tool_names = reduce_sums(window.sums, window.slot_tools, s.max_tools, selector, group=s.process_group)
+        sums, tool_names = reduce_sums(
+            window.sums, window.slot_tools, s.max_tools, selector, group=s.process_group, overflowed=window.overflowed
+        )
+        recorder.reserve_tools(selector.kept)  # kept tools get a slot on every rank in the next window
         metrics = metrics_from_sums(sums.cpu(), s.topk, tool_names, binary_entropy=s.binary_entropy)
         samples, outliers = collect_samples(
             window.samples, window.sample_sums, top_n=s.top_n, outlier_k=s.outlier_k, group=s.process_group

@@ -145,6 +145,7 @@ class Window:
     samples: SampleIndex
     sample_sums: torch.Tensor
     blocks: int
+    overflowed: frozenset[int] = frozenset()  # tool ids that found no free slot: their rows are not exact here
 
 
 class Observing:
@@ -181,6 +182,7 @@ class Recorder:
         self._empty = StatsAccumulator(settings.topk, num_tool_slots=settings.num_tool_slots).sums
         self._engines: dict[torch.device, Engine] = {}
         self._slots: dict[int, int] = {}  # tool id -> local slot, in slot order
+        self._overflowed: set[int] = set()  # tool ids of this window that found no free slot
         self._slots_before: dict[int, int] = {}  # the slots when the open block began (restored if it fails)
         self._block: _Block | None = None
         self._skipping = False  # inside a block that every_n_steps (or graph capture) skips
@@ -398,8 +400,10 @@ class Recorder:
         slot = self._slots.get(tid)
         if slot is None:
             slot = len(self._slots)
-            if slot >= self.settings.max_tools:
-                return self.settings.max_tools  # "other"
+            overflow = self.settings.num_tool_slots - 1
+            if slot >= overflow:
+                self._overflowed.add(tid)
+                return overflow
             self._slots[tid] = slot
         return slot
 
@@ -487,9 +491,18 @@ class Recorder:
             samples=self._samples,
             sample_sums=sample_sums,
             blocks=self.blocks_seen,
+            overflowed=frozenset(self._overflowed),
         )
         self._slots, self._samples, self._uncollected = {}, SampleIndex(), False
+        self._overflowed = set()
         return window
+
+    def reserve_tools(self, tool_ids: Sequence[int]) -> None:
+        """Give these tools (the ones kept globally, the same list on every rank) the first slots of the next
+        window, so none of them ever lands in a rank's overflow; the other slots go to newcomers."""
+        if self._block is not None or self._slots:
+            raise RuntimeError("reserve_tools() right after drain(), before the next block")
+        self._slots = {tid: i for i, tid in enumerate(list(tool_ids)[: self.settings.max_tools])}
 
     def detach(self) -> None:
         """Remove the hook and stop the engines; the model is as before. Warns when a window was never drained."""

@@ -75,5 +75,6 @@ class Settings:
 
     @property
     def num_tool_slots(self) -> int:
-        """Accumulator rows for tools: one per kept tool and the last for "other" (none when ``max_tools`` is 0)."""
-        return self.max_tools + 1 if self.max_tools > 0 else 0
+        """Local accumulator rows for tools: ``max_tools`` for the tools kept so far, as many for newcomers
+        (so a rank can count a tool the others keep), and the last for the overflow (none when ``max_tools`` is 0)."""
+        return 2 * self.max_tools + 1 if self.max_tools > 0 else 0

@@ -22,13 +22,15 @@ from test_observer_torchtune import full_logits, tiny_qwen2
 from agent_obs import TokenClass, attach, compute_metrics, tool_id
 
 WORLD = 2
-# tool spans per rank [start, end) on every row: rank 0 sees bash+find_file_x, rank 1 find_file_x+str_replace_editor.
+# tool spans per rank [start, end) on every row: rank 0 sees bash+find_file_x, rank 1 find_file_x+str_replace_editor+bash.
 # Only rank 0 ever calls tool_id("find_file_x"): rank 1 gets the ids as plain ints and learns the name in the merge.
+# Rank 1 also sees bash, its third tool and its rarest: with one slot per kept tool only, bash (kept globally)
+# would land in rank 1's overflow and its row would silently miss rank 1's tokens.
 TOOL_SPANS = {
     0: {"bash": (0, 10), "find_file_x": (10, 14)},
-    1: {"find_file_x": (0, 9), "str_replace_editor": (9, 15)},
+    1: {"find_file_x": (0, 9), "str_replace_editor": (9, 15), "bash": (15, 16)},
 }
-MAX_TOOLS = 2  # globally: find_file_x (52 tokens), bash (40) keep their keys, str_replace_editor (24) -> other
+MAX_TOOLS = 2  # globally: find_file_x (52 tokens), bash (44) keep their keys, str_replace_editor (24) -> _other
 
 
 def contract_id(name: str) -> int:
@@ -145,6 +147,7 @@ def test_two_gloo_ranks_equal_single_process_over_the_union(tmp_path):
     assert results[0]["exported"][0][0] == results[0]["plain"]
     assert results[1]["exported"] == []
     assert want["tool_call.find_file_x_tokens"] == 2 * (4 + 9) * 2
+    assert want["tool_call.bash_tokens"] == 2 * (10 + 1) * 2  # rank 1's bash tokens are in its row
     assert all(contract_id(n) == tool_id(n) for spans in TOOL_SPANS.values() for n in spans)
 
     # FSDP2 qwen2 with chunked output: the union of both ranks' batches

@@ -134,6 +134,46 @@ def test_settings_reject_bad_values_naming_the_option_in_attach_too(model, bad, 
 def test_settings_are_frozen_and_normalised():
     settings = Settings(topk=[5, 1])
     assert settings.topk == (5, 1)
-    assert settings.num_tool_slots == 17 and Settings(max_tools=0).num_tool_slots == 0
+    assert settings.num_tool_slots == 33 and Settings(max_tools=0).num_tool_slots == 0  # 16 kept + 16 new + 1
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.max_tools = 3
+
+
+def tool_block(spans: dict[int, int], seq: int = 48, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """One row whose first positions are tool calls: ``spans`` maps tool id -> its number of tokens, in order."""
+    tokens, labels, _ = make_batch(1, seq, seed)
+    labels[:] = tokens.roll(-1, 1)
+    classes = torch.full_like(tokens, 1)  # REASONING
+    tools = torch.full_like(tokens, -1)
+    pos = 0
+    for tid, n in spans.items():
+        classes[0, pos : pos + n], tools[0, pos : pos + n] = 2, tid  # TOOL_CALL
+        pos += n
+    return tokens, labels, classes, tools
+
+
+def test_every_per_tool_row_is_exact_and_kept_tools_never_overflow(model):
+    """max_tools=1: 2 local slots + the overflow. A tool that found no slot gets no row of its own (its tokens
+    count under _other), the kept tool is reserved a slot in the next window, and the per-tool rows always
+    add up to tool_call_tokens."""
+    obs = attach(model, max_tools=1)
+    a, b, c, d = 101, 102, 103, 104
+    windows = [
+        [{a: 10, b: 5}, {c: 20}],  # c finds no free slot: no row for c although it has the most tokens
+        [{c: 20, b: 5, d: 3}],  # a is reserved (kept); c takes the free slot, b and d overflow
+        [{d: 30}, {c: 20}],  # c (kept now) is reserved, d takes the free slot
+    ]
+    rows = []
+    for w, blocks in enumerate(windows):
+        for i, spans in enumerate(blocks):
+            tokens, labels, classes, tools = tool_block(spans, seed=10 * w + i)
+            with obs.observe(labels=labels, token_classes=classes, tool_ids=tools):
+                model(tokens)
+        got = obs.collect()
+        per_tool = {k: v for k, v in got.items() if k.startswith("tool_call.") and k.endswith("_tokens")}
+        assert sum(per_tool.values()) == got["tool_call_tokens"]
+        rows.append(per_tool)
+    names = {tid: f"tool_{tid:08x}" for tid in (a, b, c, d)}  # ids never registered by name
+    assert rows[0] == {f"tool_call.{names[a]}_tokens": 10, "tool_call._other_tokens": 25}
+    assert rows[1] == {f"tool_call.{names[c]}_tokens": 20, "tool_call._other_tokens": 8}
+    assert rows[2] == {f"tool_call.{names[c]}_tokens": 20, "tool_call._other_tokens": 30}
