@@ -22,7 +22,7 @@ from test_observer_torchtune import full_logits, tiny_qwen2
 from agent_obs import TokenClass, attach, compute_metrics, tool_id
 
 WORLD = 2
-# tool spans per rank [start, end) on every row: rank 0 sees bash+find_file_x, rank 1 find_file_x+str_replace_editor+bash.
+# tool spans per rank [start, end) on every row: rank 0 sees bash+find_file_x, rank 1 three tools.
 # Only rank 0 ever calls tool_id("find_file_x"): rank 1 gets the ids as plain ints and learns the name in the merge.
 # Rank 1 also sees bash, its third tool and its rarest: with one slot per kept tool only, bash (kept globally)
 # would land in rank 1's overflow and its row would silently miss rank 1's tokens.
