@@ -27,6 +27,7 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 import agent_obs
 from agent_obs.accumulator import StatsAccumulator
+from agent_obs.settings import Settings
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -83,7 +84,7 @@ def statistics_only(model, inputs, labels, classes) -> float:
     """Median time of the accumulator alone on the logits chunks of one step (the kernel's share)."""
     with torch.no_grad():
         chunks = [c.reshape(-1, c.shape[-1]) for c in model(inputs)]
-    acc = StatsAccumulator(num_tool_slots=17)
+    acc = StatsAccumulator(num_tool_slots=Settings().num_tool_slots)  # the tool rows attach() lays out
     times = []
     for _ in range(5):
         start = time.perf_counter()
