@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: the real agent trajectories and a tokenizer trained on them."""
+"""Shared pytest fixtures: the real agent trajectories, a tokenizer trained on them, a tiny decoder."""
 
 from __future__ import annotations
 
@@ -22,6 +22,22 @@ def pytest_configure(config) -> None:
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     config.addinivalue_line("filterwarnings", "error:agent_obs.*reached dynamo's recompile limit:RuntimeWarning")
+
+
+@pytest.fixture
+def eager_kernel(monkeypatch) -> None:
+    """The metric kernel uncompiled: for tests of the observer's bookkeeping, not of the kernel."""
+    monkeypatch.setenv("AGENT_OBS_COMPILE", "0")
+
+
+@pytest.fixture
+def model():
+    """``test_observer.TinyDecoder`` with seed 0: the shape of any causal LM, small enough for every test."""
+    import torch
+    from test_observer import TinyDecoder
+
+    torch.manual_seed(0)
+    return TinyDecoder()
 
 
 def load_conversations(path: Path = TRAJECTORIES) -> dict[str, list[list[dict]]]:

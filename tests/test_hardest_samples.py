@@ -21,15 +21,7 @@ from agent_obs.samples import MAD_SCALE
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def eager(monkeypatch):
-    monkeypatch.setenv("AGENT_OBS_COMPILE", "0")
-
-
-@pytest.fixture
-def model() -> TinyDecoder:
-    torch.manual_seed(0)
-    return TinyDecoder()
+pytestmark = pytest.mark.usefixtures("eager_kernel")  # observer bookkeeping, not the kernel
 
 
 def window(seed: int, batches: int = 3, batch: int = 4, seq: int = 12):

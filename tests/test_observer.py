@@ -73,12 +73,6 @@ def float64_reference(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
     return entropy, math.exp(nll), accuracy
 
 
-@pytest.fixture
-def model() -> TinyDecoder:
-    torch.manual_seed(0)
-    return TinyDecoder()
-
-
 def test_full_logits_equal_compute_metrics_and_float64(model):
     tokens, labels, classes = make_batch(3, 17, seed=1)
     obs = attach(model)

@@ -12,17 +12,7 @@ from torch import nn
 
 from agent_obs import TokenClass, attach, tool_id
 
-
-@pytest.fixture(autouse=True)
-def eager(monkeypatch):
-    """The kernel uncompiled: these tests are about the observer's bookkeeping, not the kernel."""
-    monkeypatch.setenv("AGENT_OBS_COMPILE", "0")
-
-
-@pytest.fixture
-def model() -> TinyDecoder:
-    torch.manual_seed(0)
-    return TinyDecoder()
+pytestmark = pytest.mark.usefixtures("eager_kernel")  # observer bookkeeping, not the kernel
 
 
 class FailingForward(Exception):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from metric_reference import assert_metrics_close, reference_metrics
-from test_observer import RecordingExporter, TinyDecoder, make_batch
+from test_observer import RecordingExporter, make_batch
 
 from agent_obs import attach
 from agent_obs.exporters import JsonlExporter
@@ -19,16 +19,7 @@ from agent_obs.settings import Settings
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def eager(monkeypatch):
-    """The kernel uncompiled: these tests are about recorder/publisher bookkeeping, not the kernel."""
-    monkeypatch.setenv("AGENT_OBS_COMPILE", "0")
-
-
-@pytest.fixture
-def model() -> TinyDecoder:
-    torch.manual_seed(0)
-    return TinyDecoder()
+pytestmark = pytest.mark.usefixtures("eager_kernel")  # observer bookkeeping, not the kernel
 
 
 def reference(logits: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> dict[str, float]:
