@@ -1,4 +1,4 @@
-"""A fresh clone with no shared data folder beside it runs the real-data tests: the project reads nothing outside itself."""
+"""A fresh clone with no shared data folder beside it runs the real-data tests: nothing outside is read."""
 
 from __future__ import annotations
 
